@@ -1,0 +1,370 @@
+"""Configuration (SPEC §7): frozen dataclasses, and a loader that layers TOML files, environment and flags.
+
+Order, later wins: the defaults below (which `conf/serve.toml` repeats, commented; a test keeps the two
+equal) → each `--config` / `QWEN_SERVE_CONFIG` file (tables merge key by key) → environment variables →
+command-line flags. Every key is validated; a bad one raises `ConfigError` naming it (the CLI exits 2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from serve.errors import ConfigError
+
+QWEN_OAUTH_ID = "qwen-oauth"
+PROVIDER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 4170
+    workspace: str | None = None  # None: the current directory
+    token_file: str | None = None
+    extra_hosts: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 65536
+    graceful_timeout_s: float = 1.5
+    certfile: str | None = None
+    keyfile: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFlowConfig:
+    default_interval_s: float = 5
+    slow_down_step_s: float = 5
+    min_interval_s: float = 1
+    max_interval_s: float = 60
+    min_expires_in_s: float = 30
+    max_expires_in_s: float = 3600
+    fallback_expires_in_s: float = 600
+    max_active: int = 4
+    terminal_grace_s: float = 300
+    sweep_interval_s: float = 30
+    start_timeout_s: float = 30
+    poll_timeout_s: float = 30
+    persist_timeout_s: float = 30
+    max_transient_failures: int = 3
+    max_starts_per_minute: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    ring_size: int = 1024
+    subscriber_queue: int = 256
+    max_subscribers: int = 1024
+    heartbeat_s: float = 15
+
+
+@dataclass(frozen=True, slots=True)
+class QwenOAuthConfig:
+    enabled: bool = True
+    base_url: str = "https://chat.qwen.ai"
+
+
+ClientAuth = Literal["none", "client_secret_basic", "client_secret_post"]
+Pkce = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rfc8628ProviderConfig:
+    """A generic RFC 8628 provider from `[providers.<id>] kind = "rfc8628"`."""
+
+    provider_id: str
+    client_id: str
+    issuer: str | None = None
+    device_authorization_endpoint: str | None = None
+    token_endpoint: str | None = None
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    client_auth: ClientAuth = "none"
+    scope: str | None = None
+    pkce: Pkce = "auto"
+    extra_params: tuple[tuple[str, str], ...] = ()
+    kind: str = "rfc8628"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    device_flow: DeviceFlowConfig = field(default_factory=DeviceFlowConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    qwen_oauth: QwenOAuthConfig = field(default_factory=QwenOAuthConfig)
+    providers: tuple[Rfc8628ProviderConfig, ...] = ()
+
+
+# --- validators: each takes (key, value) and returns the typed value or raises ConfigError ---------
+
+Check = Callable[[str, Any], Any]
+
+
+def _int(lo: int, hi: int) -> Check:
+    def check(key: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ConfigError(key, f"expected an integer from {lo} to {hi}, got {v!r}")
+        return v
+
+    return check
+
+
+def _num(lo: float, hi: float) -> Check:
+    def check(key: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
+            raise ConfigError(key, f"expected a number from {lo:g} to {hi:g}, got {v!r}")
+        return v
+
+    return check
+
+
+def _str(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(key, f"expected a non-empty string, got {v!r}")
+    return v
+
+
+def _bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"expected true or false, got {v!r}")
+    return v
+
+
+def _str_list(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(key, f"expected a list of non-empty strings, got {v!r}")
+    return tuple(v)
+
+
+def _choice(*options: str) -> Check:
+    def check(key: str, v: Any) -> str:
+        if v not in options:
+            raise ConfigError(key, f"expected one of {', '.join(map(repr, options))}, got {v!r}")
+        return str(v)
+
+    return check
+
+
+def _str_map(key: str, v: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        raise ConfigError(key, f"expected a table of strings, got {v!r}")
+    return tuple(v.items())
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost` and loopback IP literals (brackets allowed)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(key: str, v: Any) -> str:
+    """An absolute URL; https unless the host is loopback (SPEC §5: tokens never cross the network in clear)."""
+    url = _str(key, v)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"expected an absolute http(s) URL, got {v!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ConfigError(key, f"must use https (http is allowed only for loopback hosts), got {v!r}")
+    return url
+
+
+_SERVER: dict[str, Check] = {
+    "host": _str,
+    "port": _int(0, 65535),
+    "workspace": _str,
+    "token_file": _str,
+    "extra_hosts": _str_list,
+    "allow_origins": _str_list,
+    "max_body_bytes": _int(1, 1 << 30),
+    "graceful_timeout_s": _num(0, 60),
+    "certfile": _str,
+    "keyfile": _str,
+}
+_DEVICE_FLOW: dict[str, Check] = {
+    "default_interval_s": _num(0.001, 3600),
+    "slow_down_step_s": _num(0, 3600),
+    "min_interval_s": _num(0.001, 3600),
+    "max_interval_s": _num(0.001, 3600),
+    "min_expires_in_s": _num(0.001, 86400),
+    "max_expires_in_s": _num(0.001, 86400),
+    "fallback_expires_in_s": _num(0.001, 86400),
+    "max_active": _int(1, 10_000),
+    "terminal_grace_s": _num(0, 86400),
+    "sweep_interval_s": _num(0.001, 86400),
+    "start_timeout_s": _num(0.001, 3600),
+    "poll_timeout_s": _num(0.001, 3600),
+    "persist_timeout_s": _num(0.001, 3600),
+    "max_transient_failures": _int(1, 1000),
+    "max_starts_per_minute": _int(1, 100_000),
+}
+_EVENTS: dict[str, Check] = {
+    "ring_size": _int(1, 1_000_000),
+    "subscriber_queue": _int(1, 1_000_000),
+    "max_subscribers": _int(1, 1_000_000),
+    "heartbeat_s": _num(0.001, 3600),
+}
+_QWEN: dict[str, Check] = {"enabled": _bool, "base_url": _url}
+_RFC8628: dict[str, Check] = {
+    "kind": _choice("rfc8628"),
+    "issuer": _url,
+    "device_authorization_endpoint": _url,
+    "token_endpoint": _url,
+    "client_id": _str,
+    "client_secret_env": _str,
+    "client_secret_file": _str,
+    "client_auth": _choice("none", "client_secret_basic", "client_secret_post"),
+    "scope": _str,
+    "pkce": _choice("auto", "on", "off"),
+    "extra_params": _str_map,
+}
+_SECTIONS = {"server": _SERVER, "device_flow": _DEVICE_FLOW, "events": _EVENTS}
+
+
+def _table(key: str, v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ConfigError(key, f"expected a table, got {v!r}")
+    return v
+
+
+def _section(name: str, raw: Mapping[str, Any], schema: Mapping[str, Check]) -> dict[str, Any]:
+    out = {}
+    for key, value in raw.items():
+        check = schema.get(key)
+        if check is None:
+            raise ConfigError(f"{name}.{key}", "unknown key")
+        out[key] = check(f"{name}.{key}", value)
+    return out
+
+
+def _rfc8628(provider_id: str, raw: Mapping[str, Any]) -> Rfc8628ProviderConfig:
+    name = f"providers.{provider_id}"
+    if "client_secret" in raw:
+        raise ConfigError(f"{name}.client_secret", "never inline a secret: use client_secret_env or _file")
+    if raw.get("kind") is None:
+        raise ConfigError(f"{name}.kind", 'required for a provider other than qwen-oauth: "rfc8628"')
+    values = _section(name, raw, _RFC8628)
+    if "client_id" not in values:
+        raise ConfigError(f"{name}.client_id", "required")
+    has_endpoints = "device_authorization_endpoint" in values and "token_endpoint" in values
+    if "issuer" not in values and not has_endpoints:
+        raise ConfigError(name, "set issuer, or both device_authorization_endpoint and token_endpoint")
+    if "device_authorization_endpoint" in values and "token_endpoint" not in values:
+        raise ConfigError(f"{name}.token_endpoint", "required with device_authorization_endpoint")
+    if "token_endpoint" in values and "device_authorization_endpoint" not in values:
+        raise ConfigError(f"{name}.device_authorization_endpoint", "required with token_endpoint")
+    if "client_secret_env" in values and "client_secret_file" in values:
+        raise ConfigError(f"{name}.client_secret_file", "set client_secret_env or client_secret_file, not both")
+    has_secret = "client_secret_env" in values or "client_secret_file" in values
+    auth = values.setdefault("client_auth", "client_secret_basic" if has_secret else "none")
+    if auth != "none" and not has_secret:
+        raise ConfigError(f"{name}.client_auth", f"{auth} needs client_secret_env or client_secret_file")
+    if auth == "none" and has_secret:
+        raise ConfigError(f"{name}.client_auth", "a client secret is configured: use client_secret_basic or _post")
+    return Rfc8628ProviderConfig(provider_id=provider_id, **values)
+
+
+def build_config(raw: Mapping[str, Any]) -> Config:
+    """Validate one merged TOML-shaped mapping into a `Config`."""
+    parts: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in _SECTIONS:
+            section = _section(name, _table(name, value), _SECTIONS[name])
+            cls = {"server": ServerConfig, "device_flow": DeviceFlowConfig, "events": EventsConfig}[name]
+            parts[name] = cls(**section)
+        elif name == "providers":
+            generic = []
+            for provider_id, table in _table(name, value).items():
+                table = _table(f"providers.{provider_id}", table)
+                if provider_id == QWEN_OAUTH_ID:
+                    parts["qwen_oauth"] = QwenOAuthConfig(**_section(f"providers.{provider_id}", table, _QWEN))
+                elif not PROVIDER_ID_RE.match(provider_id):
+                    raise ConfigError(f"providers.{provider_id}", "a provider id is 1-64 of A-Z a-z 0-9 . _ -")
+                else:
+                    generic.append(_rfc8628(provider_id, table))
+            parts["providers"] = tuple(generic)
+        else:
+            raise ConfigError(name, "unknown section")
+    config = Config(**parts)
+    _check_relations(config)
+    return config
+
+
+def _check_relations(config: Config) -> None:
+    d = config.device_flow
+    if d.min_interval_s > d.max_interval_s:
+        raise ConfigError("device_flow.min_interval_s", "must not exceed device_flow.max_interval_s")
+    if d.min_expires_in_s > d.max_expires_in_s:
+        raise ConfigError("device_flow.min_expires_in_s", "must not exceed device_flow.max_expires_in_s")
+    s = config.server
+    if (s.certfile is None) != (s.keyfile is None):
+        raise ConfigError("server.keyfile" if s.keyfile is None else "server.certfile", "set both or neither")
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key (recursively); any other value replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the configuration file ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML ({exc})") from exc
+
+
+def load_config(
+    files: Sequence[Path] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults → files → environment → `overrides` (the flags, TOML-shaped: `{"server": {"port": 0}}`)."""
+    raw: dict[str, Any] = {}
+    for path in files:
+        raw = merge(raw, read_toml(path))
+    env = env or {}
+    if env.get("QWEN_OAUTH_BASE_URL"):
+        raw = merge(raw, {"providers": {QWEN_OAUTH_ID: {"base_url": env["QWEN_OAUTH_BASE_URL"]}}})
+    raw = merge(raw, overrides or {})
+    return build_config(raw)
+
+
+def defaults_as_toml_mapping() -> dict[str, Any]:
+    """The code's defaults, shaped as `conf/serve.toml` would parse (None-valued keys left out)."""
+
+    def table(obj: Any) -> dict[str, Any]:
+        out = {}
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if value is None:
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    c = Config()
+    return {
+        "server": table(c.server),
+        "device_flow": table(c.device_flow),
+        "events": table(c.events),
+        "providers": {QWEN_OAUTH_ID: table(c.qwen_oauth)},
+    }

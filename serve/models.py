@@ -1,0 +1,131 @@
+"""Frozen value objects shared by the registry, the HTTP layer and the client. snake_case only here:
+the wire's camelCase lives in `serve.wire`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class FlowStatus(StrEnum):
+    PENDING = "pending"
+    AUTHORIZED = "authorized"
+    EXPIRED = "expired"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+class ErrorKind(StrEnum):
+    EXPIRED_TOKEN = "expired_token"
+    ACCESS_DENIED = "access_denied"
+    INVALID_GRANT = "invalid_grant"
+    UPSTREAM_ERROR = "upstream_error"
+    PERSIST_FAILED = "persist_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowView:
+    """What the registry shows of one flow at one instant. Times are epoch milliseconds.
+
+    `user_code` and the verification URIs are set only while the flow is pending; the HTTP layer decides
+    who may see them (the initiator rule of SPEC §2). `expires_at_ms` and `interval_ms` are always set
+    (fixed at start / current interval); the wire shows them only while pending.
+    """
+
+    device_flow_id: str
+    provider_id: str
+    status: FlowStatus
+    created_at_ms: int
+    expires_at_ms: int
+    interval_ms: int
+    initiator_client_id: str | None = None
+    last_polled_at_ms: int | None = None
+    error_kind: ErrorKind | None = None
+    hint: str | None = None
+    user_code: str | None = None
+    verification_uri: str | None = None
+    verification_uri_complete: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartOutcome:
+    """The answer to a start: the flow, and whether the caller attached to one already running."""
+
+    view: FlowView
+    attached: bool
+
+
+# Events (SPEC §4). The bus wraps each in an envelope; `serve.wire` turns them into JSON.
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStarted:
+    device_flow_id: str
+    provider_id: str
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowThrottled:
+    device_flow_id: str
+    interval_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowAuthorized:
+    device_flow_id: str
+    provider_id: str
+    expires_at_ms: int | None = None  # the access token's expiry, not the flow's
+    account_alias: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowFailed:
+    device_flow_id: str
+    error_kind: ErrorKind
+    status: FlowStatus  # EXPIRED or ERROR, equal to what GET shows
+    hint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowCancelled:
+    device_flow_id: str
+
+
+AuthEvent = FlowStarted | FlowThrottled | FlowAuthorized | FlowFailed | FlowCancelled
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One published event: its id (monotonic from 1 per daemon), wire time and originator."""
+
+    id: int
+    event: AuthEvent
+    server_timestamp_ms: int
+    originator_client_id: str | None = None
+
+
+class AuthState(StrEnum):
+    AUTHENTICATED = "authenticated"
+    EXPIRED = "expired"
+    UNAUTHENTICATED = "unauthenticated"
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialSummary:
+    """What the store knows of one provider's credentials file; never a token."""
+
+    expires_at_ms: int | None  # the access token's expiry (`expiry_date`), if the file says
+    updated_at_ms: int  # the file's mtime
+    account_alias: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderAuthStatus:
+    """One cell of the status snapshot's `providers` (the official SDK's DaemonAuthProviderStatus)."""
+
+    provider_id: str
+    auth_state: AuthState
+    expires_at_ms: int | None = None
+    updated_at_ms: int | None = None
+    account_alias: str | None = None
