@@ -10,12 +10,16 @@ from typing import Any
 
 from serve.models import (
     AuthEvent,
+    AuthState,
     Envelope,
     FlowAuthorized,
     FlowCancelled,
     FlowFailed,
     FlowStarted,
     FlowThrottled,
+    FlowView,
+    ProviderAuthStatus,
+    StartOutcome,
 )
 
 PROTOCOL_VERSION = 1
@@ -97,3 +101,116 @@ def reset_frame(last_event_id: int, epoch: str) -> str:
 
 def heartbeat_frame(last_event_id: int) -> str:
     return dumps({"v": PROTOCOL_VERSION, "type": "heartbeat", "data": {"lastEventId": last_event_id}})
+
+
+# --- REST bodies (SPEC §2) ----------------------------------------------------------------------------
+
+
+def is_initiator(view: FlowView, caller_client_id: str | None) -> bool:
+    """SPEC §2: the caller is the initiator when its client id equals the initiator's, or both are absent."""
+    return view.initiator_client_id == caller_client_id
+
+
+def _verification(view: FlowView) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if view.user_code is not None:
+        out["userCode"] = view.user_code
+    if view.verification_uri is not None:
+        out["verificationUri"] = view.verification_uri
+    if view.verification_uri_complete is not None:
+        out["verificationUriComplete"] = view.verification_uri_complete
+    return out
+
+
+def start_body(outcome: StartOutcome, caller_client_id: str | None) -> dict[str, Any]:
+    """The POST answer: only the initiator sees the user code and URLs; `initiatorClientId` goes last."""
+    view = outcome.view
+    out: dict[str, Any] = {
+        "deviceFlowId": view.device_flow_id,
+        "providerId": view.provider_id,
+        "status": view.status.value,
+        "expiresAt": view.expires_at_ms,
+        "intervalMs": view.interval_ms,
+        "attached": outcome.attached,
+    }
+    if is_initiator(view, caller_client_id):
+        out.update(_verification(view))
+        if view.initiator_client_id is not None:
+            out["initiatorClientId"] = view.initiator_client_id
+    return out
+
+
+def flow_body(view: FlowView, caller_client_id: str | None) -> dict[str, Any]:
+    """The GET view, in the original's field order (WIRE-EXAMPLES): pending-only fields while pending."""
+    pending = view.status.value == "pending"
+    out: dict[str, Any] = {
+        "deviceFlowId": view.device_flow_id,
+        "providerId": view.provider_id,
+        "status": view.status.value,
+        "createdAt": view.created_at_ms,
+    }
+    if pending:
+        out["expiresAt"] = view.expires_at_ms
+        out["intervalMs"] = view.interval_ms
+    if view.error_kind is not None:
+        out["errorKind"] = view.error_kind.value
+    if view.hint is not None:
+        out["hint"] = view.hint
+    if view.last_polled_at_ms is not None:
+        out["lastPolledAt"] = view.last_polled_at_ms
+    if is_initiator(view, caller_client_id):
+        if pending:
+            out.update(_verification(view))
+        if view.initiator_client_id is not None:
+            out["initiatorClientId"] = view.initiator_client_id
+    return out
+
+
+_CELL_STATUS = {
+    AuthState.AUTHENTICATED: "ok",
+    AuthState.EXPIRED: "warning",
+    AuthState.UNAUTHENTICATED: "not_started",
+}
+_CELL_HINT = {
+    AuthState.EXPIRED: "access token expired; log in again",
+    AuthState.UNAUTHENTICATED: "not logged in",
+}
+
+
+def provider_cell(status: ProviderAuthStatus) -> dict[str, Any]:
+    """One `providers` cell, in the official SDK's `DaemonAuthProviderStatus` shape, plus `authState`."""
+    out: dict[str, Any] = {
+        "kind": "auth_provider",
+        "providerId": status.provider_id,
+        "status": _CELL_STATUS[status.auth_state],
+    }
+    if status.auth_state in _CELL_HINT:
+        out["hint"] = _CELL_HINT[status.auth_state]
+    if status.expires_at_ms is not None:
+        out["expiresAt"] = status.expires_at_ms
+    if status.account_alias is not None:
+        out["accountAlias"] = status.account_alias
+    out["authState"] = status.auth_state.value
+    if status.updated_at_ms is not None:
+        out["updatedAt"] = status.updated_at_ms
+    return out
+
+
+def status_body(
+    *,
+    workspace_cwd: str,
+    providers: list[ProviderAuthStatus],
+    pending: list[FlowView],
+    supported_providers: list[str],
+) -> dict[str, Any]:
+    """`GET /workspace/auth/status`: never a token, never a user code."""
+    return {
+        "v": PROTOCOL_VERSION,
+        "workspaceCwd": workspace_cwd,
+        "providers": [provider_cell(p) for p in providers],
+        "pendingDeviceFlows": [
+            {"deviceFlowId": v.device_flow_id, "providerId": v.provider_id, "expiresAt": v.expires_at_ms}
+            for v in pending
+        ],
+        "supportedDeviceFlowProviders": list(supported_providers),
+    }
