@@ -214,3 +214,19 @@ def status_body(
         ],
         "supportedDeviceFlowProviders": list(supported_providers),
     }
+
+
+def capabilities_body(
+    *, server_version: str, features: list[str], transports: list[str], workspace_cwd: str
+) -> dict[str, Any]:
+    """`GET /capabilities`, in the field order of the original (the official SDK requires `modelServices`)."""
+    return {
+        "v": PROTOCOL_VERSION,
+        "protocolVersions": {"current": "v1", "supported": ["v1"]},
+        "serverVersion": server_version,
+        "mode": "native",
+        "features": list(features),
+        "modelServices": [],
+        "transports": list(transports),
+        "workspaceCwd": workspace_cwd,
+    }

@@ -1,0 +1,210 @@
+"""The `qwen-serve` command line (SPEC §7).
+
+Each subcommand is a `Command`: `add_arguments` for its parser and `run(args, env)` returning the exit code;
+`COMMANDS` lists them. Exit codes: 0 done, 1 failed at run time (a port in use), 2 bad usage or
+configuration. stdout carries only what scripts read (the listening line); everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from serve import __version__
+from serve.config import Config, load_config
+from serve.errors import ConfigError
+from serve.token import ResolvedToken, qwen_home, resolve_token
+
+CONFIG_ENV = "QWEN_SERVE_CONFIG"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger("serve.cli")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One `qwen-serve` subcommand."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Mapping[str, str]], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default `sys.argv[1:]`), run the subcommand, return its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse has printed what to say
+        return exc.code if isinstance(exc.code, int) else 2
+    command: Command = args.command
+    return command.run(args, os.environ)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen-serve",
+        description="A daemon that brokers OAuth 2.0 device logins (RFC 8628) for remote clients.",
+    )
+    parser.add_argument("--version", action="version", version=f"qwen-serve {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.description)
+        command.add_arguments(sub)
+        sub.set_defaults(command=command)
+    return parser
+
+
+def fail_config(error: ConfigError) -> int:
+    """SPEC §7: one line naming the key, exit 2."""
+    print(f"qwen-serve: config error: {error.key}: {error.problem}", file=sys.stderr)
+    return 2
+
+
+def setup_logging(level: str) -> None:
+    """Send the daemon's and hypercorn's log records to stderr at `level` (idempotent)."""
+    handler_name = "qwen-serve-stderr"
+    for name in ("serve", "hypercorn"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level.upper())
+        logger.propagate = False
+        if not any(h.get_name() == handler_name for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.set_name(handler_name)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+
+
+# --- run ----------------------------------------------------------------------------------------------
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"a TOML file layered over the defaults (conf/serve.toml); default: ${CONFIG_ENV} if set",
+    )
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port to bind; 0 picks a free one (default 4170)")
+    parser.add_argument("--workspace", metavar="DIR", help="the workspace this daemon serves (default: cwd)")
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument("--token", metavar="T", help="the bearer token clients must send (beats QWEN_SERVER_TOKEN)")
+    token.add_argument(
+        "--token-file",
+        metavar="F",
+        help="read the bearer token from F (must not be readable by group or others)",
+    )
+    token.add_argument(
+        "--no-token",
+        action="store_true",
+        help="run without a bearer token (loopback only; device-flow routes then answer token_required)",
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="stderr log level (default info)")
+
+
+def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    setup_logging(args.log_level)
+    try:
+        config = load_run_config(args, env)
+        workspace = _workspace(config)
+        home = qwen_home(env)
+        token = resolve_token(
+            flag_token=args.token,
+            token_file=config.server.token_file,
+            no_token=args.no_token,
+            host=config.server.host,
+            env=env,
+            home=home,
+        )
+    except ConfigError as exc:
+        return fail_config(exc)
+    _announce_token(token)
+    return trio.run(partial(_serve, config, token=token.token, workspace=workspace, home=home))
+
+
+def load_run_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
+    """Defaults → `--config` (or `$QWEN_SERVE_CONFIG`) → environment → the `run` flags."""
+    path = args.config or env.get(CONFIG_ENV) or None
+    server: dict[str, Any] = {}
+    if args.host is not None:
+        server["host"] = args.host
+    if args.port is not None:
+        server["port"] = args.port
+    if args.workspace is not None:
+        server["workspace"] = args.workspace
+    if args.token_file is not None:
+        server["token_file"] = args.token_file
+    return load_config([Path(path)] if path else [], env=env, overrides={"server": server} if server else None)
+
+
+def _workspace(config: Config) -> Path:
+    path = Path(config.server.workspace or os.getcwd()).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError("server.workspace", f"not a directory: {path}")
+    return path
+
+
+def _announce_token(token: ResolvedToken) -> None:
+    """Say where the token is (never what it is), so local clients can find it."""
+    if token.source == "none":
+        print("qwen-serve: no bearer token (--no-token): device-flow routes answer token_required", file=sys.stderr)
+    elif token.path is not None:
+        print(f"qwen-serve: bearer token ({token.source}) in {token.path}", file=sys.stderr)
+    else:
+        origin = "--token" if token.source == "flag" else "QWEN_SERVER_TOKEN"
+        print(f"qwen-serve: bearer token from {origin}", file=sys.stderr)
+
+
+async def _serve(config: Config, *, token: bytes | None, workspace: Path, home: Path) -> int:
+    """Run the daemon until SIGINT or SIGTERM; print the listening line once bound."""
+    # Imported here: the client commands the CLI will grow must not load quart and hypercorn.
+    from serve.daemon import ListenError, run_daemon
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+        async def first_signal() -> None:
+            async for signum in signals:
+                log.info("%s received: shutting down", signal.Signals(signum).name)
+                return
+
+        async with trio.open_nursery() as nursery:
+            try:
+                daemon = await nursery.start(
+                    partial(
+                        run_daemon,
+                        config,
+                        token=token,
+                        workspace=workspace,
+                        qwen_home=home,
+                        shutdown_trigger=first_signal,
+                    )
+                )
+            except ListenError as exc:
+                print(f"qwen-serve: {exc}", file=sys.stderr)
+                return 1
+            # stdout is block-buffered when piped: flush, or whoever waits for this line hangs.
+            print(f"qwen-serve listening on {daemon.url} (workspace={workspace})", flush=True)
+    return 0
+
+
+COMMANDS: list[Command] = [
+    Command(
+        name="run",
+        help="run the daemon",
+        description="Serve the device-flow API for one workspace until SIGINT or SIGTERM.",
+        add_arguments=_add_run_arguments,
+        run=_run,
+    ),
+]

@@ -1,0 +1,158 @@
+"""The composition root: builds the daemon's parts, owns the top nursery, serves until told to stop.
+
+`run_daemon` is the one way a daemon runs, for the CLI and the tests alike:
+
+    run_daemon
+    └── nursery
+        └── hypercorn.trio.serve(app, …, shutdown_trigger=_shutdown)   (binds, answers, drains)
+
+Shutdown (SPEC §3): the trigger fires (a signal in the CLI, `RunningDaemon.shutdown()` in tests) →
+`services.shutting_down` is set → the event bus closes (every stream ends) → the trigger returns → hypercorn
+stops listening and drains requests for at most `graceful_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from serve.clock import WallClock
+from serve.config import Config
+from serve.credentials import CredentialStore
+from serve.events import EventBus
+from serve.http.app import RouteSet, Services, create_app
+
+ShutdownTrigger = Callable[[], Awaitable[None]]
+
+
+class ListenError(Exception):
+    """The daemon could not bind its address (in use, not permitted, not local); the CLI exits 1."""
+
+    def __init__(self, bind: str, cause: OSError) -> None:
+        self.bind = bind
+        self.cause = cause
+        reason = cause.strerror or str(cause)
+        super().__init__(f"cannot listen on {bind}: {reason}")
+
+
+@dataclass(slots=True)
+class RunningDaemon:
+    """What `run_daemon` hands back once it is bound: where it listens, its services, a way to stop it."""
+
+    url: str
+    urls: list[str]
+    services: Services
+    _stop: trio.Event = field(default_factory=trio.Event, repr=False)
+
+    def shutdown(self) -> None:
+        """Start the shutdown sequence; `run_daemon` returns once hypercorn has drained."""
+        self._stop.set()
+
+
+def hypercorn_config(config: Config, *, keep_alive_timeout_s: float | None = None) -> hypercorn.config.Config:
+    """Hypercorn's settings from ours: the bind, TLS passthrough, graceful timeout, no access log."""
+    server = config.server
+    host = server.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    hc = hypercorn.config.Config()
+    hc.bind = [f"{host}:{server.port}"]
+    hc.graceful_timeout = server.graceful_timeout_s
+    hc.certfile = server.certfile
+    hc.keyfile = server.keyfile
+    hc.accesslog = None
+    # Our logger, so hypercorn installs no handler of its own; the CLI routes it to stderr.
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    if keep_alive_timeout_s is not None:
+        hc.keep_alive_timeout = keep_alive_timeout_s
+    return hc
+
+
+async def run_daemon(
+    config: Config,
+    *,
+    token: bytes | None,
+    workspace: Path,
+    qwen_home: Path,
+    shutdown_trigger: ShutdownTrigger | None = None,
+    http_transport: httpx.AsyncBaseTransport | None = None,
+    credential_store: CredentialStore | None = None,
+    route_sets: Sequence[RouteSet] = (),
+    clock: WallClock | None = None,
+    keep_alive_timeout_s: float | None = None,
+    task_status: trio.TaskStatus[RunningDaemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `config` until `shutdown_trigger` returns or `RunningDaemon.shutdown()` is called.
+
+    `task_status.started()` gets the `RunningDaemon` once the socket is bound (its `url` is the one hypercorn
+    bound, with the real port when `port = 0`). `qwen_home` is where credentials live; `http_transport` (for
+    the IdPs) and `credential_store` are seams for tests. Raises `ListenError` if the address cannot be bound. Cancelling it stops at once,
+    without the graceful drain.
+    """
+    clock = clock or WallClock()
+    bus = EventBus(clock=clock, ring_size=config.events.ring_size, subscriber_queue=config.events.subscriber_queue)
+    services = Services(
+        config=config,
+        token=token,
+        workspace=workspace,
+        clock=clock,
+        bus=bus,
+        store=credential_store,
+    )
+    app = create_app(services, route_sets)
+    hc = hypercorn_config(config, keep_alive_timeout_s=keep_alive_timeout_s)
+    stop = trio.Event()
+
+    async def shutdown() -> None:
+        await _first_of(stop.wait, *([shutdown_trigger] if shutdown_trigger is not None else []))
+        # SPEC §3 order: refuse new work, end the streams, then let hypercorn stop listening and drain.
+        services.shutting_down = True
+        bus.close()
+
+    bound = False
+    try:
+        async with trio.open_nursery() as nursery:
+            urls: list[str] = await nursery.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=shutdown))
+            bound = True
+            task_status.started(RunningDaemon(url=urls[0], urls=urls, services=services, _stop=stop))
+    except BaseExceptionGroup as group:
+        cause = None if bound else _bind_error(group)
+        if cause is None:
+            raise
+        raise ListenError(hc.bind[0], cause) from None
+
+
+async def _first_of(*waits: Callable[[], Awaitable[Any]]) -> None:
+    """Return as soon as any of `waits` returns; the others are cancelled."""
+    async with trio.open_nursery() as nursery:
+
+        async def run(wait: Callable[[], Awaitable[Any]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(run, wait)
+
+
+def _bind_error(group: BaseExceptionGroup[BaseException]) -> OSError | None:
+    """The socket error that stopped hypercorn from binding, when that is all the group holds."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], OSError) else None

@@ -1,0 +1,202 @@
+"""`qwen-serve run` (SPEC §7): the listening line, signals, exit codes, and a token that is never printed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from serve import __version__
+from serve.cli import main
+
+LISTENING = re.compile(r"^qwen-serve listening on (http://127\.0\.0\.1:(\d+)) \(workspace=(.+)\)\n$")
+
+
+@pytest.fixture(autouse=True)
+def restore_loggers() -> Iterator[None]:
+    """`main` routes the `serve` and `hypercorn` loggers to stderr; undo that for the tests that follow."""
+    saved = {}
+    for name in ("serve", "hypercorn"):
+        logger = logging.getLogger(name)
+        saved[name] = (logger.level, logger.propagate, list(logger.handlers))
+    yield
+    for name, (level, propagate, handlers) in saved.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.handlers[:] = handlers
+
+
+@pytest.fixture
+def cli_env(qwen_home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The environment of a `qwen-serve` process: a private QWEN_HOME, no token or config from outside."""
+    monkeypatch.setenv("QWEN_HOME", str(qwen_home))
+    monkeypatch.delenv("QWEN_SERVER_TOKEN", raising=False)
+    monkeypatch.delenv("QWEN_SERVE_CONFIG", raising=False)
+    return dict(os.environ)
+
+
+async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
+async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_run_prints_the_listening_line_serves_and_exits_0_on_a_signal(
+    cli_env: dict[str, str], workspace: Path, qwen_home: Path, signum: signal.Signals
+) -> None:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "serve", "run", "--port", "0"],
+        cwd=workspace,
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    resolved_workspace = str(await trio.Path(workspace).resolve())
+    try:
+        with trio.fail_after(20):
+            line = (await read_line(process.stdout)).decode()
+        match = LISTENING.match(line)
+        assert match, line
+        url, _, shown_workspace = match.groups()
+        assert shown_workspace == resolved_workspace
+
+        token = (qwen_home / "serve" / "token").read_text().strip()
+        async with httpx.AsyncClient(base_url=url) as client:
+            with trio.fail_after(5):
+                assert (await client.get("/health")).json() == {"status": "ok"}
+                assert (await client.get("/capabilities")).status_code == 401
+                capabilities = await client.get("/capabilities", headers={"Authorization": f"Bearer {token}"})
+                assert capabilities.json()["workspaceCwd"] == resolved_workspace
+
+        process.send_signal(signum)
+        started = trio.current_time()
+        with trio.fail_after(5):
+            rest_of_stdout = await read_all(process.stdout)
+            stderr = (await read_all(process.stderr)).decode()
+            returncode = await process.wait()
+        took = trio.current_time() - started
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert returncode == 0, stderr
+    assert took < 1.0, f"exit took {took:.2f} s"
+    assert rest_of_stdout == b""  # exactly one line on stdout
+    assert str(qwen_home / "serve" / "token") in stderr
+    assert token not in stderr
+    assert token not in line
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(
+    cli_env: dict[str, str], workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["run", "--port", str(port), "--workspace", str(workspace), "--log-level", "error"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == ""
+    assert err.splitlines()[-1] == f"qwen-serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+@pytest.mark.parametrize(
+    ("toml", "line"),
+    [
+        ("[server]\nnope = 1\n", "qwen-serve: config error: server.nope: unknown key"),
+        (
+            '[server]\nport = "x"\n',
+            "qwen-serve: config error: server.port: expected an integer from 0 to 65535, got 'x'",
+        ),
+    ],
+)
+def test_a_config_error_is_one_line_and_exit_2(
+    cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, line: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    assert main(["run", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", line + "\n")
+
+
+def test_qwen_serve_config_names_the_file(
+    cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[events]\nring_size = 0\n")
+    monkeypatch.setenv("QWEN_SERVE_CONFIG", str(path))
+    assert main(["run"]) == 2
+    assert capsys.readouterr().err.startswith("qwen-serve: config error: events.ring_size: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "key"),
+    [
+        (["--no-token", "--host", "0.0.0.0"], "server.host"),
+        (["--workspace", "/nonexistent/dir"], "server.workspace"),
+        (["--port", "-1"], "server.port"),
+    ],
+)
+def test_start_up_refusals_exit_2(
+    cli_env: dict[str, str], capsys: pytest.CaptureFixture[str], argv: list[str], key: str
+) -> None:
+    assert main(["run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qwen-serve: config error: {key}: ")
+    assert len(err.splitlines()) == 1
+
+
+def test_a_token_file_others_can_read_exits_2_without_showing_it(
+    cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "token"
+    path.write_text("very-secret-token-value\n")
+    path.chmod(0o644)
+    assert main(["run", "--token-file", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("qwen-serve: config error: server.token_file: ")
+    assert "very-secret" not in out + err
+
+
+def test_token_flags_are_mutually_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--token", "t", "--no-token"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"qwen-serve {__version__}\n"
+    assert main(["--help"]) == 0
+    assert "run" in capsys.readouterr().out
+    assert main(["run", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--config", "--host", "--port", "--workspace", "--token", "--token-file", "--no-token", "--log-level"):
+        assert flag in help_text
+    assert main([]) == 2

@@ -1,0 +1,99 @@
+"""Configuration (SPEC §7): defaults equal conf/serve.toml, layering order, and errors that name the key."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from serve.cli import build_parser, load_run_config
+from serve.config import Config, defaults_as_toml_mapping, load_config
+from serve.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "serve.toml"
+
+
+def run_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["run", *argv])
+
+
+def test_conf_serve_toml_holds_exactly_the_code_defaults() -> None:
+    with CONF.open("rb") as f:
+        assert tomllib.load(f) == defaults_as_toml_mapping()
+
+
+def test_loading_conf_serve_toml_changes_nothing() -> None:
+    assert load_config([CONF]) == Config()
+
+
+def test_tables_merge_key_by_key(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text("[server]\nport = 8080\n")
+    config = load_config([path])
+    assert config.server.port == 8080
+    assert config.server.host == "127.0.0.1"
+    assert config.server.max_body_bytes == 65536
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text(
+        '[server]\nport = 5000\nhost = "localhost"\n[providers.qwen-oauth]\nbase_url = "https://file.example"\n'
+    )
+    env = {"QWEN_OAUTH_BASE_URL": "https://env.example"}
+    config = load_config([path], env=env, overrides={"server": {"port": 6000}})
+    assert config.server.port == 6000  # flag over file
+    assert config.server.host == "localhost"  # file over default
+    assert config.qwen_oauth.base_url == "https://env.example"  # env over file
+    assert load_config([path], env={}).qwen_oauth.base_url == "https://file.example"
+
+
+def test_run_flags_override_the_file_named_by_qwen_serve_config(tmp_path: Path, workspace: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('[server]\nport = 5000\nhost = "localhost"\nmax_body_bytes = 100\n')
+    env = {"QWEN_SERVE_CONFIG": str(path)}
+    config = load_run_config(run_args("--port", "0", "--workspace", str(workspace)), env)
+    assert (config.server.port, config.server.host, config.server.max_body_bytes) == (0, "localhost", 100)
+    assert config.server.workspace == str(workspace)
+
+
+def test_config_flag_beats_qwen_serve_config(tmp_path: Path) -> None:
+    by_env = tmp_path / "env.toml"
+    by_env.write_text("[server]\nport = 5000\n")
+    by_flag = tmp_path / "flag.toml"
+    by_flag.write_text("[server]\nport = 5001\n")
+    config = load_run_config(run_args("--config", str(by_flag)), {"QWEN_SERVE_CONFIG": str(by_env)})
+    assert config.server.port == 5001
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[server]\nnope = 1\n", "server.nope"),
+        ("[nope]\na = 1\n", "nope"),
+        ('[server]\nport = "80"\n', "server.port"),
+        ("[server]\nport = 70000\n", "server.port"),
+        ("[server]\nmax_body_bytes = true\n", "server.max_body_bytes"),
+        ('[server]\nextra_hosts = "a"\n', "server.extra_hosts"),
+        ("[events]\nheartbeat_s = -1\n", "events.heartbeat_s"),
+        ("[device_flow]\nmax_active = 1.5\n", "device_flow.max_active"),
+        ('[server]\ncertfile = "c.pem"\n', "server.keyfile"),
+    ],
+)
+def test_a_bad_key_is_named(tmp_path: Path, toml: str, key: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as caught:
+        load_config([path])
+    assert caught.value.key == key
+
+
+def test_a_missing_or_broken_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_config([tmp_path / "missing.toml"])
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\n")
+    with pytest.raises(ConfigError):
+        load_config([broken])
