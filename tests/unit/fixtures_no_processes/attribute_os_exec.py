@@ -1,0 +1,4 @@
+# expect: os.execv
+import os
+
+os.execv("/bin/true", ["true"])

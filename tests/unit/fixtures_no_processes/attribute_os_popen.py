@@ -1,0 +1,4 @@
+# expect: os.popen
+import os
+
+os.popen("true").read()

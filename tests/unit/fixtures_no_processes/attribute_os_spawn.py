@@ -1,0 +1,4 @@
+# expect: os.spawnlp
+import os
+
+os.spawnlp(os.P_WAIT, "true", "true")

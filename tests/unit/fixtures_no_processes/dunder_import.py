@@ -1,0 +1,4 @@
+# expect: subprocess
+"""`__import__` with a literal name."""
+
+__import__("subprocess").run(["true"], check=True)

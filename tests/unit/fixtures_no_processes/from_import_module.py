@@ -1,0 +1,6 @@
+# expect: subprocess.Popen
+"""`from <banned module> import name`."""
+
+from subprocess import Popen
+
+Popen(["true"])

@@ -1,0 +1,4 @@
+# expect: multiprocessing.Process
+from multiprocessing import Process
+
+Process(target=print).start()

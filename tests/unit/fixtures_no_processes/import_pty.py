@@ -1,0 +1,4 @@
+# expect: pty
+import pty
+
+pty.spawn("sh")

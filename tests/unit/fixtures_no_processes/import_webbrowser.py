@@ -1,0 +1,4 @@
+# expect: webbrowser
+import webbrowser
+
+webbrowser.open("https://example.com")

@@ -1,0 +1,4 @@
+# expect: pty
+from importlib import import_module
+
+import_module("pty").spawn("sh")

@@ -1,0 +1,4 @@
+# expect: webbrowser
+import importlib
+
+importlib.import_module("webbrowser").open("https://example.com")

@@ -1,0 +1,4 @@
+# expect: concurrent.futures.ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+
+ProcessPoolExecutor().shutdown()

@@ -1,0 +1,6 @@
+# expect: trio.lowlevel.open_process
+from trio import lowlevel
+
+
+async def main() -> None:
+    await lowlevel.open_process(["true"])

@@ -1,0 +1,6 @@
+# expect: trio.run_process
+import trio
+
+
+async def main() -> None:
+    await trio.run_process(["true"])
