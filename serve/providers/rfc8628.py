@@ -1,0 +1,305 @@
+"""Generic RFC 8628 providers from `[providers.<id>] kind = "rfc8628"` (SPEC §5), after authlib's `rfc8628`.
+
+Endpoints come from the configuration, or from discovery on first use (not at start-up, so the daemon
+starts while its IdP is down): `{issuer}/.well-known/openid-configuration`, then RFC 8414's
+`/.well-known/oauth-authorization-server{path}`. A document is accepted only when its `issuer` equals the
+configured one exactly and both endpoints are https (or http to a loopback host); the first good one is
+kept for the daemon's life, a failure is retried at the next start. With explicit endpoints nothing is
+discovered, so `pkce = "auto"` means no PKCE there (no metadata lists S256).
+
+The client secret, when there is one, is read from its environment variable or file each time a request
+needs it (a rotated file is picked up) and travels only inside a `Secret`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import httpx
+import trio
+
+from serve.config import Rfc8628ProviderConfig
+from serve.credentials import Credentials
+from serve.errors import UpstreamError
+from serve.models import ErrorKind
+from serve.providers import oauth
+from serve.providers.base import DeviceAuthorization, PollFailed, PollResult, PollSuccess, PollTransient
+from serve.secrets import Secret
+
+_MAX_ALIAS_CHARS = 64
+_PHONE_RE = re.compile(r"^\+?[0-9 ().\-]+$")
+# Claims that name the account itself: a nickname equal to one of them is a username, not an alias.
+_ACCOUNT_NAME_CLAIMS = ("preferred_username", "username", "login", "email", "upn", "unique_name", "sub")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """Where to send the two requests, and what PKCE methods the metadata lists (empty when configured)."""
+
+    device_authorization_endpoint: str
+    token_endpoint: str
+    code_challenge_methods_supported: tuple[str, ...] = ()
+
+
+class _ClientSecretUnavailable(Exception):
+    """The configured environment variable is unset or empty, or the file cannot be read."""
+
+
+class Rfc8628Provider:
+    """A standards-following IdP, with the quirks real ones have (see `serve.providers.oauth`)."""
+
+    def __init__(
+        self,
+        config: Rfc8628ProviderConfig,
+        http: httpx.AsyncClient,
+        *,
+        env: Mapping[str, str],
+        now_ms: Callable[[], int],
+    ) -> None:
+        self._config = config
+        self._http = http
+        self._env = env
+        self._now_ms = now_ms
+        self._start_failed = f"{config.provider_id} IdP device authorization request failed"
+        self._endpoints: Endpoints | None = None
+        if config.device_authorization_endpoint is not None and config.token_endpoint is not None:
+            self._endpoints = Endpoints(config.device_authorization_endpoint, config.token_endpoint)
+        self._discovery_lock = trio.Lock()
+        secret_file = config.client_secret_file
+        self._client_secret_path = Path(secret_file).expanduser() if secret_file is not None else None
+
+    def __repr__(self) -> str:
+        return f"Rfc8628Provider({self._config.provider_id!r})"
+
+    @property
+    def provider_id(self) -> str:
+        return self._config.provider_id
+
+    @property
+    def credentials_file(self) -> str:
+        return f"device-flow/{self._config.provider_id}.json"
+
+    # --- the protocol -------------------------------------------------------------------------------
+
+    async def start(self) -> DeviceAuthorization:
+        """Discover (first time), then POST the device authorization request (RFC 8628 §3.1).
+
+        Raises `UpstreamError` with a static message on any failure, discovery included.
+        """
+        endpoints = await self.endpoints()
+        code_verifier = oauth.new_code_verifier() if self._uses_pkce(endpoints) else None
+        form: dict[str, str] = {}
+        if self._config.scope is not None:
+            form["scope"] = self._config.scope
+        if code_verifier is not None:
+            form["code_challenge"] = oauth.s256_code_challenge(code_verifier)
+            form["code_challenge_method"] = "S256"
+        try:
+            request = await self._authenticated_request(
+                endpoints.device_authorization_endpoint, form, extra=self._config.extra_params
+            )
+        except _ClientSecretUnavailable as exc:
+            raise UpstreamError(f"{self.provider_id}: the client secret could not be read") from exc
+        try:
+            reply = await oauth.send(self._http, request)
+        except (httpx.HTTPError, oauth.ReplyTooLarge) as exc:
+            raise UpstreamError(self._start_failed) from exc
+        authorization = oauth.parse_device_authorization(reply, code_verifier)
+        if authorization is None:
+            raise UpstreamError(self._start_failed)
+        return authorization
+
+    async def poll(self, authorization: DeviceAuthorization) -> PollResult:
+        """One device access token request (RFC 8628 §3.4); faults come back as `PollResult`s."""
+        try:
+            endpoints = await self.endpoints()
+        except UpstreamError:
+            return PollTransient("IdP discovery failed")
+        form = {"grant_type": oauth.DEVICE_CODE_GRANT_TYPE, "device_code": authorization.device_code.reveal()}
+        if authorization.code_verifier is not None:
+            form["code_verifier"] = authorization.code_verifier.reveal()
+        try:
+            request = await self._authenticated_request(endpoints.token_endpoint, form)
+        except _ClientSecretUnavailable:
+            return PollFailed(ErrorKind.UPSTREAM_ERROR, f"{self.provider_id}: the client secret could not be read")
+        return await oauth.poll_token_endpoint(self._http, request, label=self.provider_id, on_success=self._success)
+
+    # --- discovery ----------------------------------------------------------------------------------
+
+    async def endpoints(self) -> Endpoints:
+        """The configured endpoints, or the discovered ones (cached once good). Raises `UpstreamError`."""
+        if self._endpoints is not None:
+            return self._endpoints
+        async with self._discovery_lock:
+            if self._endpoints is None:
+                self._endpoints = await self._discover()
+            return self._endpoints
+
+    async def _discover(self) -> Endpoints:
+        issuer = self._config.issuer
+        if issuer is None:  # config validation guarantees endpoints or an issuer
+            raise UpstreamError(f"{self.provider_id} IdP discovery failed")
+        for url in discovery_urls(issuer):
+            request = self._http.build_request("GET", url, headers={"Accept": "application/json"})
+            try:
+                reply = await oauth.send(self._http, request)
+            except (httpx.HTTPError, oauth.ReplyTooLarge):
+                continue
+            endpoints = endpoints_from_metadata(reply, issuer)
+            if endpoints is not None:
+                return endpoints
+        raise UpstreamError(f"{self.provider_id} IdP discovery failed")
+
+    def _uses_pkce(self, endpoints: Endpoints) -> bool:
+        if self._config.pkce == "auto":
+            return "S256" in endpoints.code_challenge_methods_supported
+        return self._config.pkce == "on"
+
+    # --- client authentication (RFC 6749 §2.3.1) ----------------------------------------------------
+
+    async def _authenticated_request(
+        self, url: str, form: Mapping[str, str], *, extra: Iterable[tuple[str, str]] = ()
+    ) -> httpx.Request:
+        """A form POST authenticated as the configured client; `extra` parameters never replace ours."""
+        auth = self._config.client_auth
+        body: dict[str, str] = {} if auth == "client_secret_basic" else {"client_id": self._config.client_id}
+        body.update(form)
+        headers: dict[str, str] = {}
+        if auth != "none":
+            secret = await self._client_secret()
+            if auth == "client_secret_basic":
+                pair = f"{quote(self._config.client_id, safe='')}:{quote(secret.reveal(), safe='')}"
+                headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+            else:
+                body["client_secret"] = secret.reveal()
+        for key, value in extra:
+            body.setdefault(key, value)
+        return oauth.form_request(self._http, url, body, headers=headers)
+
+    async def _client_secret(self) -> Secret[str]:
+        config = self._config
+        value: str | None = None
+        if config.client_secret_env is not None:
+            value = self._env.get(config.client_secret_env)
+        elif self._client_secret_path is not None:
+            try:
+                value = await trio.Path(self._client_secret_path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise _ClientSecretUnavailable from exc
+        value = value.strip() if value is not None else ""
+        if not value:
+            raise _ClientSecretUnavailable
+        return Secret(value)
+
+    # --- success ------------------------------------------------------------------------------------
+
+    def _success(self, fields: Mapping[str, object]) -> PollResult:
+        now_ms = self._now_ms()
+        expires_at_ms = oauth.expiry_ms(now_ms, fields.get("expires_in"))
+        id_token = fields.get("id_token")
+        claims = id_token_claims(id_token) if isinstance(id_token, str) else None
+        alias = account_alias(claims, self._alias_namespace(claims)) if claims is not None else None
+        document: dict[str, object] = dict(fields)
+        if expires_at_ms is not None:
+            document["expiry_date"] = expires_at_ms
+        document["obtained_at"] = now_ms
+        if self._config.issuer is not None:
+            document["issuer"] = self._config.issuer
+        if alias is not None:
+            document["account_alias"] = alias
+        return PollSuccess(
+            Credentials(
+                file_name=self.credentials_file,
+                document=Secret(document),
+                expires_at_ms=expires_at_ms,
+                account_alias=alias,
+            )
+        )
+
+    def _alias_namespace(self, claims: Mapping[str, object]) -> str:
+        """The issuer the `sub` belongs to: configured, else the id token's own `iss`, else the token URL."""
+        if self._config.issuer is not None:
+            return self._config.issuer
+        iss = claims.get("iss")
+        if isinstance(iss, str) and iss:
+            return iss
+        return self._config.token_endpoint or ""
+
+
+def discovery_urls(issuer: str) -> tuple[str, str]:
+    """OpenID Connect Discovery 1.0 §4, then RFC 8414 §3.1 (well-known segment before the issuer's path)."""
+    parts = urlsplit(issuer)
+    path = parts.path.rstrip("/")
+    return (
+        issuer.rstrip("/") + "/.well-known/openid-configuration",
+        f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{path}",
+    )
+
+
+def endpoints_from_metadata(reply: oauth.Reply, issuer: str) -> Endpoints | None:
+    """Endpoints from a metadata document, or None unless it is for exactly `issuer` and uses https."""
+    fields = reply.fields
+    if not 200 <= reply.status_code < 300 or fields is None or fields.get("issuer") != issuer:
+        return None
+    device = fields.get("device_authorization_endpoint")
+    token = fields.get("token_endpoint")
+    if not (isinstance(device, str) and isinstance(token, str)):
+        return None
+    if not (oauth.is_allowed_url(device) and oauth.is_allowed_url(token)):
+        return None
+    methods = fields.get("code_challenge_methods_supported")
+    listed = tuple(m for m in methods if isinstance(m, str)) if isinstance(methods, list) else ()
+    return Endpoints(device, token, listed)
+
+
+# --- account alias (SPEC §5) ------------------------------------------------------------------------
+
+
+def id_token_claims(id_token: str) -> Mapping[str, object] | None:
+    """The id token's payload, decoded without verification (it only names the account), or None."""
+    parts = id_token.split(".")
+    if len(parts) < 2 or len(parts[1]) > oauth.MAX_REPLY_BYTES:
+        return None
+    payload = parts[1]
+    try:
+        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        claims = json.loads(raw)
+    except (binascii.Error, ValueError, RecursionError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def account_alias(claims: Mapping[str, object], issuer: str) -> str | None:
+    """The `nickname` claim when it is not an email, phone number or username; else `uid:` + 8 hex digits
+    of SHA-256(issuer + sub); None without a `sub`."""
+    nickname = claims.get("nickname")
+    if isinstance(nickname, str) and _is_safe_nickname(nickname.strip(), claims):
+        return nickname.strip()
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        return None
+    return "uid:" + hashlib.sha256((issuer + sub).encode("utf-8")).hexdigest()[:8]
+
+
+def _is_safe_nickname(nickname: str, claims: Mapping[str, object]) -> bool:
+    if not nickname or len(nickname) > _MAX_ALIAS_CHARS or not nickname.isprintable():
+        return False
+    if "@" in nickname:  # an email, or a handle written as one
+        return False
+    digits = sum(c.isdigit() for c in nickname)
+    if _PHONE_RE.fullmatch(nickname) and digits >= 6:
+        return False
+    folded = nickname.casefold()
+    for claim in _ACCOUNT_NAME_CLAIMS:
+        value = claims.get(claim)
+        if isinstance(value, str) and value and folded in {value.casefold(), value.split("@", 1)[0].casefold()}:
+            return False
+    return True

@@ -1,0 +1,281 @@
+"""Credential files under `$QWEN_HOME`: atomic 0600 writes on a worker thread, and a cache of summaries.
+
+A write (SPEC §5): the directory is made 0700, a temp file is created 0600 (`O_EXCL`) beside the target,
+written, fsynced, renamed over the target with `os.replace`, and the directory is fsynced. A crash leaves
+the old file or the new one, never a torn one; a failed write removes its temp file.
+
+The status snapshot reads summaries from memory only. The cache is filled by `load()` at start and kept
+fresh by `run()`, which stats the watched files on a worker thread once per `refresh_interval_s` (1 s) and
+re-reads a file whose mtime, size or inode changed: qwen-code rewrites `oauth_creds.json` itself when it
+refreshes its token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import secrets
+import stat
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import trio
+
+from serve.credentials import Credentials
+from serve.errors import PersistError
+from serve.models import CredentialSummary
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+_MAX_READ_BYTES = 1 << 20
+_Signature = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
+_MISSING: _Signature = (-1, -1, -1)
+
+
+class FileSystem:
+    """The OS calls the writer makes, one method each, so a test can make any of them fail with an errno
+    (CI runs as root, where `chmod` cannot make a write fail)."""
+
+    def mkdir(self, path: str, mode: int) -> None:
+        os.mkdir(path, mode)
+
+    def chmod(self, path: str, mode: int) -> None:
+        os.chmod(path, mode)
+
+    def open(self, path: str, flags: int, mode: int = 0o777) -> int:
+        return os.open(path, flags, mode)
+
+    def fchmod(self, fd: int, mode: int) -> None:
+        os.fchmod(fd, mode)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What the cache knows of one file. `signature` None: re-read at the next refresh."""
+
+    signature: _Signature | None
+    summary: CredentialSummary | None
+
+
+class _Unreadable:
+    """A scan found the file but could not parse it (perhaps mid-write by another program)."""
+
+
+_UNREADABLE = _Unreadable()
+
+
+class FileCredentialStore:
+    """The `CredentialStore` of the daemon: files under `qwen_home`, summaries cached in memory.
+
+    Owned by the daemon, which awaits `load()` (or starts `run()`) before serving. `save()` may be called
+    from any task; the disk work runs on a worker thread. Cancelling `save()` abandons the wait, never the
+    write: the thread still finishes (or fails) its atomic write, and the cache learns of the new file at
+    the next refresh. So a caller bounds its wait with a cancel scope (and shields it to let the write land)
+    while a hung disk can never hold up shutdown.
+    """
+
+    def __init__(self, qwen_home: Path, *, fs: FileSystem | None = None) -> None:
+        self._home = Path(qwen_home)
+        self._fs = fs or FileSystem()
+        self._entries: dict[str, _Entry] = {}
+        self._lock = trio.Lock()  # one scan or write at a time, so a slow scan never undoes a save
+
+    def __repr__(self) -> str:
+        return f"FileCredentialStore({str(self._home)!r})"
+
+    @property
+    def qwen_home(self) -> Path:
+        return self._home
+
+    def path_of(self, file_name: str) -> Path:
+        """The absolute path of a credentials file. Raises `ValueError` for a name that leaves `qwen_home`."""
+        parts = PurePosixPath(file_name).parts
+        if not parts or PurePosixPath(file_name).is_absolute() or ".." in parts:
+            raise ValueError("a credentials file name is a relative path inside QWEN_HOME")
+        return self._home.joinpath(*parts)
+
+    # --- writing ------------------------------------------------------------------------------------
+
+    async def save(self, credentials: Credentials) -> None:
+        """Write the document atomically (0600 file, 0700 directory), then update the cache.
+
+        Raises `PersistError` whose `detail` is the errno name (`ENOSPC`, `EACCES`, ...); the old file,
+        if any, is left intact and no temp file remains.
+        """
+        path = self.path_of(credentials.file_name)
+        try:
+            data = json.dumps(credentials.document.reveal(), indent=2, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise PersistError("unserializable document") from exc
+        async with self._lock:
+            try:
+                signature, mtime_ns = await trio.to_thread.run_sync(self._write, path, data, abandon_on_cancel=True)
+            except OSError as exc:
+                raise PersistError(errno.errorcode.get(exc.errno or 0, "OSError")) from exc
+            summary = _summarize(credentials.document.reveal(), mtime_ns)
+            self._entries[credentials.file_name] = _Entry(signature, summary)
+
+    def _write(self, path: Path, data: bytes) -> tuple[_Signature | None, int]:
+        """On a worker thread: the atomic write. Returns the new file's signature and mtime."""
+        fs = self._fs
+        directory = path.parent
+        self._ensure_dir(directory)
+        temp = str(directory / f".{path.name}.{secrets.token_hex(8)}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        fd = fs.open(temp, flags, FILE_MODE)
+        replaced = False
+        try:
+            try:
+                fs.fchmod(fd, FILE_MODE)  # the umask may have narrowed the mode; make it exactly 0600
+                view = memoryview(data)
+                while view:
+                    view = view[fs.write(fd, bytes(view)) :]
+                fs.fsync(fd)
+            finally:
+                fs.close(fd)
+            fs.replace(temp, str(path))
+            replaced = True
+        finally:
+            if not replaced:
+                with contextlib.suppress(OSError):
+                    fs.unlink(temp)
+        self._fsync_dir(directory)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None, time.time_ns()
+        return (st.st_mtime_ns, st.st_size, st.st_ino), st.st_mtime_ns
+
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create missing directories 0700 (parents too: `os.makedirs` ignores `mode` for them), then
+        make the file's own directory 0700 even when it already existed."""
+        missing: list[Path] = []
+        for candidate in (directory, *directory.parents):
+            if candidate.is_dir():
+                break
+            missing.append(candidate)
+        for candidate in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                self._fs.mkdir(str(candidate), DIR_MODE)
+        self._fs.chmod(str(directory), DIR_MODE)
+
+    def _fsync_dir(self, directory: Path) -> None:
+        """Make the rename durable. Filesystems that cannot fsync a directory (EINVAL) are tolerated."""
+        fd = self._fs.open(str(directory), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            self._fs.fsync(fd)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        finally:
+            self._fs.close(fd)
+
+    # --- reading ------------------------------------------------------------------------------------
+
+    def summary(self, file_name: str) -> CredentialSummary | None:
+        """The cached summary of one credentials file, or None when it does not exist. Never blocks."""
+        entry = self._entries.get(file_name)
+        return entry.summary if entry is not None else None
+
+    async def load(self, file_names: Iterable[str]) -> None:
+        """Watch these files and read them now (on a worker thread); call once at start."""
+        for name in file_names:
+            self.path_of(name)  # reject a bad name here, not at every refresh
+            self._entries.setdefault(name, _Entry(None, None))
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Stat every watched file on a worker thread; re-read those whose mtime, size or inode changed."""
+        async with self._lock:
+            known = {name: entry.signature for name, entry in self._entries.items()}
+            changes = await trio.to_thread.run_sync(self._scan, known)
+            for name, (signature, found) in changes.items():
+                if isinstance(found, _Unreadable):
+                    # Keep what we knew and look again next time: the writer may not be done.
+                    self._entries[name] = _Entry(None, self._entries[name].summary)
+                else:
+                    self._entries[name] = _Entry(signature, found)
+
+    async def run(
+        self,
+        file_names: Iterable[str],
+        *,
+        refresh_interval_s: float = 1.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """`load()`, report started, then `refresh()` every `refresh_interval_s` until cancelled."""
+        await self.load(file_names)
+        task_status.started()
+        while True:
+            await trio.sleep(refresh_interval_s)
+            await self.refresh()
+
+    def _scan(
+        self, known: Mapping[str, _Signature | None]
+    ) -> dict[str, tuple[_Signature | None, CredentialSummary | _Unreadable | None]]:
+        """On a worker thread: the files whose signature differs from `known`, with their new summaries."""
+        changes: dict[str, tuple[_Signature | None, CredentialSummary | _Unreadable | None]] = {}
+        for name, old in known.items():
+            path = self.path_of(name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                if old != _MISSING:
+                    changes[name] = (_MISSING, None)
+                continue
+            except OSError:
+                changes[name] = (None, _UNREADABLE)
+                continue
+            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if signature == old:
+                continue
+            changes[name] = (signature, _read_summary(path, st))
+        return changes
+
+
+def _read_summary(path: Path, st: os.stat_result) -> CredentialSummary | _Unreadable:
+    if not stat.S_ISREG(st.st_mode):
+        return _UNREADABLE
+    try:
+        with path.open("rb") as f:
+            raw = f.read(_MAX_READ_BYTES + 1)
+        document = json.loads(raw) if len(raw) <= _MAX_READ_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        return _UNREADABLE
+    if not isinstance(document, dict):
+        return _UNREADABLE
+    return _summarize(document, st.st_mtime_ns)
+
+
+def _summarize(document: Mapping[str, object], mtime_ns: int) -> CredentialSummary:
+    """Expiry (`expiry_date`, epoch ms) and alias (`account_alias`) from a document; never a token."""
+    expiry = document.get("expiry_date")
+    expires_at_ms: int | None = None
+    if isinstance(expiry, int | float) and not isinstance(expiry, bool) and math.isfinite(expiry):
+        expires_at_ms = int(expiry)
+    alias = document.get("account_alias")
+    return CredentialSummary(
+        expires_at_ms=expires_at_ms,
+        updated_at_ms=mtime_ns // 1_000_000,
+        account_alias=alias if isinstance(alias, str) and alias else None,
+    )
