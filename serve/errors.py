@@ -15,6 +15,7 @@
     ├── TooManyActiveFlows          409 too_many_active_flows         + Retry-After
     ├── PayloadTooLarge             413 payload_too_large
     ├── RateLimited                 429 rate_limited                  + Retry-After
+    ├── TooManySubscribers          429 too_many_subscribers   (the event stream's handshake)
     ├── UpstreamError               502 upstream_error   (static message; IdP text never reaches the wire)
     └── ShuttingDown                503 shutting_down
 
@@ -170,6 +171,12 @@ class RateLimited(_RetryAfter):
     status = 429
     code = "rate_limited"
     default_message = "Too many device-flow starts; try again later"
+
+
+class TooManySubscribers(ServeError):
+    status = 429
+    code = "too_many_subscribers"
+    default_message = "Too many event stream subscribers"
 
 
 class UpstreamError(ServeError):

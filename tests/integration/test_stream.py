@@ -1,0 +1,473 @@
+"""`WS /workspace/auth/events` (SPEC §4) through a real hypercorn on 127.0.0.1:0 and real trio-websocket clients.
+
+Events are published straight onto the daemon's bus, so these tests need no registry. Real clock only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, WebSocketConnection
+
+import serve.wire
+from serve.config import Config, load_config
+from serve.daemon import RunningDaemon
+from serve.events import EventBus
+from serve.http.stream import EVENT_STREAM, EVENTS_PATH
+from serve.models import ErrorKind, FlowCancelled, FlowFailed, FlowStarted, FlowStatus
+from serve.wire import encode_envelope
+
+StartDaemon = Callable[..., AbstractAsyncContextManager[RunningDaemon]]
+Headers = list[tuple[bytes, bytes]]
+
+# SPEC §1 / §4 bodies, copied here so the tests read nothing outside the project.
+UNAUTHORIZED = {"error": "Unauthorized"}
+INVALID_HOST = {"error": "Invalid Host header"}
+ORIGIN_DENIED = {"error": "Request denied by CORS policy"}
+SHUTTING_DOWN = {"error": "daemon is shutting down", "code": "shutting_down"}
+TOO_MANY = {"error": "Too many event stream subscribers", "code": "too_many_subscribers"}
+BAD_SINCE = {"error": "`since` must be a non-negative integer", "code": "invalid_request"}
+
+BIG_HINT = "x" * (256 * 1024)  # large frames fill loopback socket buffers in a few dozen events
+
+
+def stream_config(**events: Any) -> Config:
+    return load_config(overrides={"server": {"port": 0, "graceful_timeout_s": 0.5}, "events": events})
+
+
+@pytest.fixture
+def bearer(token: str) -> Headers:
+    return [(b"Authorization", f"Bearer {token}".encode())]
+
+
+@pytest.fixture
+def start_stream(start_daemon: StartDaemon) -> Callable[..., AbstractAsyncContextManager[RunningDaemon]]:
+    """`async with start_stream(**events_keys) as daemon:` a daemon serving the event stream."""
+
+    def start(**events: Any) -> AbstractAsyncContextManager[RunningDaemon]:
+        return start_daemon(stream_config(**events), route_sets=[EVENT_STREAM])
+
+    return start
+
+
+@pytest.fixture
+async def daemon(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]],
+) -> AsyncIterator[RunningDaemon]:
+    async with start_stream() as running:
+        yield running
+
+
+def bus_of(daemon: RunningDaemon) -> EventBus:
+    return daemon.services.bus
+
+
+def ws_url(daemon: RunningDaemon, query: str = "") -> str:
+    return daemon.url.replace("http://", "ws://") + EVENTS_PATH + query
+
+
+def port_of(daemon: RunningDaemon) -> int:
+    port = urlsplit(daemon.url).port
+    assert port is not None
+    return port
+
+
+@asynccontextmanager
+async def open_stream(
+    daemon: RunningDaemon, headers: Headers, query: str = "", **kwargs: Any
+) -> AsyncIterator[WebSocketConnection]:
+    async with trio_websocket.open_websocket_url(ws_url(daemon, query), extra_headers=headers, **kwargs) as ws:
+        yield ws
+
+
+async def frame(ws: WebSocketConnection) -> dict[str, Any]:
+    message = await ws.get_message()
+    assert isinstance(message, str)
+    decoded: dict[str, Any] = json.loads(message)
+    return decoded
+
+
+async def frames_until_close(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], CloseReason]:
+    frames = []
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            frames.append(await frame(ws))
+    reason = closed.value.reason
+    assert reason is not None
+    return frames, reason
+
+
+async def rejected(daemon: RunningDaemon, headers: Headers, query: str = "") -> ConnectionRejected:
+    with pytest.raises(ConnectionRejected) as info:
+        async with open_stream(daemon, headers, query):
+            pass
+    return info.value
+
+
+def body_of(error: ConnectionRejected) -> Any:
+    return json.loads(error.body or b"")
+
+
+def cancelled(n: int) -> FlowCancelled:
+    return FlowCancelled(f"df-{n}")
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll daemon-side state that offers no event to wait on (callers bound it with `fail_after`)."""
+    while not predicate():  # noqa: ASYNC110
+        await trio.sleep(0.01)
+
+
+# --- the handshake --------------------------------------------------------------------------------------
+
+
+async def test_handshake_needs_the_bearer(daemon: RunningDaemon) -> None:
+    with trio.fail_after(5):
+        for headers in ([], [(b"Authorization", b"Bearer wrong-token")], [(b"Authorization", b"Basic abc")]):
+            error = await rejected(daemon, headers)
+            assert error.status_code == 401
+            assert body_of(error) == UNAUTHORIZED
+            assert (b"www-authenticate", b"Bearer") in error.headers
+
+
+async def test_handshake_from_a_foreign_origin_is_403(daemon: RunningDaemon, bearer: Headers) -> None:
+    with trio.fail_after(5):
+        error = await rejected(daemon, [*bearer, (b"Origin", b"https://evil.example")])
+        assert error.status_code == 403
+        assert body_of(error) == ORIGIN_DENIED
+        assert (b"vary", b"Origin") in error.headers
+        # The daemon's own origin passes.
+        async with open_stream(daemon, [*bearer, (b"Origin", daemon.url.encode())]) as ws:
+            assert (await frame(ws))["type"] == "hello"
+
+
+async def test_handshake_with_a_foreign_host_is_403(daemon: RunningDaemon, bearer: Headers) -> None:
+    # DNS rebinding: the socket is loopback, the Host header is not.
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port_of(daemon))
+        with pytest.RaisesGroup(ConnectionRejected, flatten_subgroups=True) as info:
+            async with trio.open_nursery() as nursery:
+                await trio_websocket.wrap_client_stream(
+                    nursery, stream, f"evil.example:{port_of(daemon)}", EVENTS_PATH, extra_headers=bearer
+                )
+        error = info.value.exceptions[0]
+        assert isinstance(error, ConnectionRejected)
+        assert error.status_code == 403
+        assert body_of(error) == INVALID_HOST
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("since", ["-1", "abc", "1.5", "+3", "1e3", "99999999999999999999999"])
+async def test_since_must_be_a_non_negative_integer(daemon: RunningDaemon, bearer: Headers, since: str) -> None:
+    with trio.fail_after(5):
+        error = await rejected(daemon, bearer, f"?since={since}")
+        assert error.status_code == 400
+        assert body_of(error) == BAD_SINCE
+        assert bus_of(daemon).subscriber_count == 0
+
+
+async def test_capabilities_list_the_stream(daemon: RunningDaemon, token: str) -> None:
+    with trio.fail_after(5):
+        async with httpx.AsyncClient(base_url=daemon.url, headers={"Authorization": f"Bearer {token}"}) as client:
+            body = (await client.get("/capabilities")).json()
+    assert "workspace_auth_events" in body["features"]
+    assert "ws-events" in body["transports"]
+
+
+# --- frames ---------------------------------------------------------------------------------------------
+
+
+async def test_hello_then_live_events_in_order(daemon: RunningDaemon, bearer: Headers) -> None:
+    bus = bus_of(daemon)
+    with trio.fail_after(5):
+        async with open_stream(daemon, bearer) as ws:
+            assert await ws.get_message() == (
+                f'{{"v":1,"type":"hello","data":{{"lastEventId":0,"epoch":"{bus.epoch}"}}}}'
+            )
+            envelopes = [
+                bus.publish(FlowStarted("df-1", "qwen-oauth", 1_700_000_600_000), originator_client_id="cli"),
+                bus.publish(FlowFailed("df-1", ErrorKind.ACCESS_DENIED, FlowStatus.ERROR)),
+                bus.publish(cancelled(2)),
+            ]
+            for envelope in envelopes:
+                # Byte for byte the bus's one encoding.
+                assert await ws.get_message() == encode_envelope(envelope)
+
+
+async def test_hello_names_the_newest_id_and_only_later_events_follow(daemon: RunningDaemon, bearer: Headers) -> None:
+    bus = bus_of(daemon)
+    bus.publish(cancelled(1))
+    bus.publish(cancelled(2))
+    with trio.fail_after(5):
+        async with open_stream(daemon, bearer) as ws:
+            assert await frame(ws) == {"v": 1, "type": "hello", "data": {"lastEventId": 2, "epoch": bus.epoch}}
+            bus.publish(cancelled(3))
+            assert (await frame(ws))["id"] == 3
+
+
+async def test_since_resumes_across_a_reconnect_with_no_gap_and_no_duplicate(
+    daemon: RunningDaemon, bearer: Headers
+) -> None:
+    bus = bus_of(daemon)
+    total = 60
+    seen: list[int] = []
+
+    async def publisher() -> None:
+        for n in range(total):
+            bus.publish(cancelled(n))
+            await trio.sleep(0.005)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with open_stream(daemon, bearer) as ws:
+                assert (await frame(ws))["data"]["lastEventId"] == 0
+                nursery.start_soon(publisher)
+                while len(seen) < 20:
+                    seen.append((await frame(ws))["id"])
+            # Events keep coming while the client is away.
+            await trio.sleep(0.05)
+            async with open_stream(daemon, bearer, f"?since={seen[-1]}&epoch={bus.epoch}") as ws:
+                hello = await frame(ws)
+                assert hello["type"] == "hello"
+                assert hello["data"]["lastEventId"] > seen[-1]
+                while seen[-1] < total:
+                    seen.append((await frame(ws))["id"])
+    assert seen == list(range(1, total + 1))
+
+
+async def test_since_without_epoch_means_the_current_epoch(daemon: RunningDaemon, bearer: Headers) -> None:
+    bus = bus_of(daemon)
+    for n in range(3):
+        bus.publish(cancelled(n))
+    with trio.fail_after(5):
+        async with open_stream(daemon, bearer, "?since=1") as ws:
+            assert (await frame(ws))["type"] == "hello"
+            assert [(await frame(ws))["id"] for _ in range(2)] == [2, 3]
+
+
+async def test_since_that_fell_off_the_ring_gets_a_reset(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], bearer: Headers
+) -> None:
+    with trio.fail_after(5):
+        async with start_stream(ring_size=2) as daemon:
+            bus = bus_of(daemon)
+            for n in range(5):
+                bus.publish(cancelled(n))
+            async with open_stream(daemon, bearer, f"?since=1&epoch={bus.epoch}") as ws:
+                assert await frame(ws) == {"v": 1, "type": "hello", "data": {"lastEventId": 5, "epoch": bus.epoch}}
+                assert await frame(ws) == {"v": 1, "type": "reset", "data": {"lastEventId": 5, "epoch": bus.epoch}}
+                # No replay: the next frame is the next live event.
+                bus.publish(cancelled(6))
+                assert (await frame(ws))["id"] == 6
+            # The ring now holds 5 and 6: since=4 is whole, a replay and no reset.
+            async with open_stream(daemon, bearer, "?since=4") as ws:
+                assert (await frame(ws))["type"] == "hello"
+                assert [(await frame(ws))["id"] for _ in range(2)] == [5, 6]
+
+
+async def test_since_from_another_epoch_gets_a_reset(daemon: RunningDaemon, bearer: Headers) -> None:
+    bus = bus_of(daemon)
+    bus.publish(cancelled(1))
+    with trio.fail_after(5):
+        async with open_stream(daemon, bearer, "?since=0&epoch=a-previous-daemon") as ws:
+            assert (await frame(ws))["type"] == "hello"
+            assert await frame(ws) == {"v": 1, "type": "reset", "data": {"lastEventId": 1, "epoch": bus.epoch}}
+
+
+async def test_heartbeat_when_idle(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], bearer: Headers
+) -> None:
+    with trio.fail_after(5):
+        async with start_stream(heartbeat_s=0.2) as daemon, open_stream(daemon, bearer) as ws:
+            assert (await frame(ws))["type"] == "hello"
+            start = trio.current_time()
+            assert await ws.get_message() == '{"v":1,"type":"heartbeat","data":{"lastEventId":0}}'
+            assert trio.current_time() - start >= 0.15
+            bus_of(daemon).publish(cancelled(1))
+            assert (await frame(ws))["id"] == 1
+            assert await frame(ws) == {"v": 1, "type": "heartbeat", "data": {"lastEventId": 1}}
+            assert await frame(ws) == {"v": 1, "type": "heartbeat", "data": {"lastEventId": 1}}
+
+
+# --- ends -----------------------------------------------------------------------------------------------
+
+
+async def test_a_full_queue_closes_4000_lagged(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], bearer: Headers
+) -> None:
+    with trio.fail_after(5):
+        async with start_stream(subscriber_queue=2) as daemon, open_stream(daemon, bearer) as ws:
+            bus = bus_of(daemon)
+            assert (await frame(ws))["type"] == "hello"
+            # No checkpoint: a queue of two overflows by the fourth (the first may go straight to a waiting
+            # receiver rather than into the queue).
+            for n in range(4):
+                bus.publish(cancelled(n))
+            assert bus.subscriber_count == 0
+            frames, reason = await frames_until_close(ws)
+            # Ended, never skipping: at most the event taken before the overflow, then the close.
+            assert [f["id"] for f in frames] in ([], [1])
+            assert (reason.code, reason.reason) == (4000, "lagged")
+
+
+async def test_a_client_that_stops_reading_is_closed_4000_after_what_it_got(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], bearer: Headers
+) -> None:
+    with trio.fail_after(20):
+        async with (
+            start_stream(subscriber_queue=8, ring_size=4, heartbeat_s=60) as daemon,
+            open_stream(daemon, bearer, message_queue_size=1) as ws,
+        ):
+            bus = bus_of(daemon)
+            published = 0
+            while bus.subscriber_count:  # the client reads nothing: socket buffers, then the queue, fill up
+                bus.publish(FlowFailed(f"df-{published}", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, BIG_HINT))
+                published += 1
+                await trio.sleep(0.002)
+            frames, reason = await frames_until_close(ws)
+    assert frames[0]["type"] == "hello"
+    ids = [f["id"] for f in frames[1:]]
+    assert ids == list(range(1, len(ids) + 1))
+    # The queue (8) overflowed only after the socket stopped taking frames.
+    assert 0 < len(ids) < published - 8
+    assert (reason.code, reason.reason) == (4000, "lagged")
+
+
+async def test_a_send_stalled_for_a_heartbeat_period_frees_the_slot(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], bearer: Headers
+) -> None:
+    with trio.fail_after(20):
+        async with (
+            start_stream(subscriber_queue=1000, ring_size=4, heartbeat_s=0.5, max_subscribers=1) as daemon,
+            open_stream(daemon, bearer, message_queue_size=1) as ws,
+        ):
+            bus = bus_of(daemon)
+            published = 0
+            # Fill the socket buffers, then stop publishing: the queue never overflows, the write just hangs.
+            while bus.subscriber_count and published < 400:
+                bus.publish(FlowFailed(f"df-{published}", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, BIG_HINT))
+                published += 1
+                await trio.sleep(0.005)
+            assert published < 400
+            # The slot is free while the peer still holds the socket.
+            async with open_stream(daemon, bearer) as other:
+                assert (await frame(other))["type"] == "hello"
+            frames, reason = await frames_until_close(ws)
+    ids = [f["id"] for f in frames[1:]]
+    assert ids == list(range(1, len(ids) + 1))
+    assert (reason.code, reason.reason) == (4000, "lagged")
+
+
+async def test_the_subscriber_cap_answers_429(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], bearer: Headers
+) -> None:
+    with trio.fail_after(5):
+        async with start_stream(max_subscribers=2) as daemon:
+            bus = bus_of(daemon)
+            async with open_stream(daemon, bearer) as first, open_stream(daemon, bearer) as second:
+                assert (await frame(first))["type"] == (await frame(second))["type"] == "hello"
+                error = await rejected(daemon, bearer)
+                assert error.status_code == 429
+                assert body_of(error) == TOO_MANY
+                assert bus.subscriber_count == 2
+            await wait_until(lambda: bus.subscriber_count == 0)
+            async with open_stream(daemon, bearer) as third:
+                assert (await frame(third))["type"] == "hello"
+
+
+async def test_inbound_messages_are_ignored_and_a_client_close_frees_the_slot(
+    daemon: RunningDaemon, bearer: Headers
+) -> None:
+    bus = bus_of(daemon)
+    with trio.fail_after(5):
+        async with open_stream(daemon, bearer) as ws:
+            assert (await frame(ws))["type"] == "hello"
+            for n in range(50):  # more than Quart-Trio buffers: it must keep reading them
+                await ws.send_message(f"noise {n}")
+            bus.publish(cancelled(1))
+            assert (await frame(ws))["id"] == 1
+            assert bus.subscriber_count == 1
+        await wait_until(lambda: bus.subscriber_count == 0)
+
+
+async def test_shutdown_delivers_queued_events_then_closes_1001(start_daemon: StartDaemon, bearer: Headers) -> None:
+    with trio.fail_after(5):
+        async with (
+            start_daemon(stream_config(), route_sets=[EVENT_STREAM]) as daemon,
+            open_stream(daemon, bearer) as ws,
+        ):
+            bus = bus_of(daemon)
+            assert (await frame(ws))["type"] == "hello"
+            for n in range(3):
+                bus.publish(cancelled(n))
+            daemon.shutdown()
+            frames, reason = await frames_until_close(ws)
+        assert [f["id"] for f in frames] == [1, 2, 3]
+        assert (reason.code, reason.reason) == (1001, "shutting down")
+
+
+async def test_shutdown_closes_every_stream_without_waiting_for_the_graceful_timeout(
+    start_daemon: StartDaemon, bearer: Headers
+) -> None:
+    config = load_config(overrides={"server": {"port": 0, "graceful_timeout_s": 5}})
+    codes: list[int] = []
+
+    async def subscriber(daemon: RunningDaemon, *, task_status: trio.TaskStatus[None]) -> None:
+        async with open_stream(daemon, bearer) as ws:
+            assert (await frame(ws))["type"] == "hello"
+            task_status.started()
+            _, reason = await frames_until_close(ws)
+            codes.append(reason.code)
+
+    with trio.fail_after(10):
+        async with start_daemon(config, route_sets=[EVENT_STREAM]) as daemon, trio.open_nursery() as clients:
+            for _ in range(20):
+                await clients.start(subscriber, daemon)
+            stopped_at = trio.current_time()
+            daemon.shutdown()
+        # SPEC §3: hypercorn had no open stream left to wait for.
+        assert trio.current_time() - stopped_at < 1
+    assert codes == [1001] * 20
+
+
+async def test_handshake_while_shutting_down_is_503(daemon: RunningDaemon, bearer: Headers) -> None:
+    with trio.fail_after(5):
+        daemon.services.shutting_down = True
+        error = await rejected(daemon, bearer)
+        assert error.status_code == 503
+        assert body_of(error) == SHUTTING_DOWN
+
+
+async def test_handshake_after_the_bus_closed_is_503(daemon: RunningDaemon, bearer: Headers) -> None:
+    with trio.fail_after(5):
+        bus_of(daemon).close()
+        error = await rejected(daemon, bearer)
+        assert error.status_code == 503
+        assert body_of(error) == SHUTTING_DOWN
+
+
+async def test_a_handler_error_closes_1011(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]],
+    bearer: Headers,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken_heartbeat(last_event_id: int) -> str:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(serve.wire, "heartbeat_frame", broken_heartbeat)
+    with trio.fail_after(5):
+        async with start_stream(heartbeat_s=0.1) as daemon, open_stream(daemon, bearer) as ws:
+            frames, reason = await frames_until_close(ws)
+            assert [f["type"] for f in frames] == ["hello"]
+            assert (reason.code, reason.reason) == (1011, "internal error")
+            await wait_until(lambda: bus_of(daemon).subscriber_count == 0)
+    assert "event stream failed" in caplog.text
