@@ -3,20 +3,25 @@
 `run_daemon` is the one way a daemon runs, for the CLI and the tests alike:
 
     run_daemon
-    └── nursery
-        └── hypercorn.trio.serve(app, …, shutdown_trigger=_shutdown)   (binds, answers, drains)
+    └── httpx.AsyncClient (the IdPs)
+        └── nursery
+            ├── store.run              (loads the credential cache, then follows the files' mtimes)
+            ├── registry.run           (its own nursery: the sweeper and one task per flow)
+            └── hypercorn.trio.serve(app, …, shutdown_trigger=shutdown)   (binds, answers, drains)
 
 Shutdown (SPEC §3): the trigger fires (a signal in the CLI, `RunningDaemon.shutdown()` in tests) →
-`services.shutting_down` is set → the event bus closes (every stream ends) → the trigger returns → hypercorn
-stops listening and drains requests for at most `graceful_timeout_s`.
+`services.shutting_down` is set (new POSTs and handshakes get 503) → `registry.dispose()` (pending flows
+end `cancelled`, their events are published; a credential write in flight finishes, ≤ 5 s) → the event bus
+closes (every stream drains, then closes 1001) → the trigger returns → hypercorn stops listening and drains
+requests for at most `graceful_timeout_s` → the store's refresher is cancelled.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +30,23 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from serve.audit import Audit
 from serve.clock import WallClock
 from serve.config import Config
 from serve.credentials import CredentialStore
 from serve.events import EventBus
 from serve.http.app import RouteSet, Services, create_app
+from serve.http.routes import DEVICE_FLOW_ROUTES
+from serve.http.stream import EVENT_STREAM
+from serve.providers import build_providers
+from serve.registry import DeviceFlowRegistry
+from serve.store import FileCredentialStore
 
 ShutdownTrigger = Callable[[], Awaitable[None]]
+
+STANDARD_ROUTES: tuple[RouteSet, ...] = (DEVICE_FLOW_ROUTES, EVENT_STREAM)
+# Outbound IdP requests: each is also bounded by the registry's cancel scopes (start/poll timeouts).
+IDP_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
 
 class ListenError(Exception):
@@ -86,8 +101,10 @@ async def run_daemon(
     shutdown_trigger: ShutdownTrigger | None = None,
     http_transport: httpx.AsyncBaseTransport | None = None,
     credential_store: CredentialStore | None = None,
-    route_sets: Sequence[RouteSet] = (),
+    route_sets: Sequence[RouteSet] = STANDARD_ROUTES,
     clock: WallClock | None = None,
+    audit: Audit | None = None,
+    env: Mapping[str, str] | None = None,
     keep_alive_timeout_s: float | None = None,
     task_status: trio.TaskStatus[RunningDaemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -95,33 +112,61 @@ async def run_daemon(
 
     `task_status.started()` gets the `RunningDaemon` once the socket is bound (its `url` is the one hypercorn
     bound, with the real port when `port = 0`). `qwen_home` is where credentials live; `http_transport` (for
-    the IdPs) and `credential_store` are seams for tests. Raises `ListenError` if the address cannot be bound. Cancelling it stops at once,
-    without the graceful drain.
+    the IdPs), `credential_store`, `audit` and `env` (for client secrets; default `os.environ`) are seams for
+    tests: real components are injected, not mocked. Raises `ListenError` if the address cannot be bound.
+    Cancelling it stops at once, without the graceful drain.
     """
     clock = clock or WallClock()
+    env = os.environ if env is None else env
     bus = EventBus(clock=clock, ring_size=config.events.ring_size, subscriber_queue=config.events.subscriber_queue)
-    services = Services(
-        config=config,
-        token=token,
-        workspace=workspace,
-        clock=clock,
-        bus=bus,
-        store=credential_store,
-    )
-    app = create_app(services, route_sets)
     hc = hypercorn_config(config, keep_alive_timeout_s=keep_alive_timeout_s)
     stop = trio.Event()
-
-    async def shutdown() -> None:
-        await _first_of(stop.wait, *([shutdown_trigger] if shutdown_trigger is not None else []))
-        # SPEC §3 order: refuse new work, end the streams, then let hypercorn stop listening and drain.
-        services.shutting_down = True
-        bus.close()
-
     bound = False
+    # trust_env: HTTPS_PROXY, NO_PROXY and SSL_CERT_FILE apply to IdP requests (SPEC §5); redirects are never
+    # followed (a redirected token request is an upstream error, not a hop).
+    http = httpx.AsyncClient(
+        transport=http_transport, timeout=IDP_TIMEOUT, follow_redirects=False, trust_env=http_transport is None
+    )
     try:
-        async with trio.open_nursery() as nursery:
-            urls: list[str] = await nursery.start(partial(hypercorn.trio.serve, app, hc, shutdown_trigger=shutdown))
+        async with http, trio.open_nursery() as nursery:
+            providers = build_providers(config, http, env=env, now_ms=clock.now_ms)
+            store = credential_store or FileCredentialStore(qwen_home)
+            if isinstance(store, FileCredentialStore):
+                await nursery.start(store.run, [p.credentials_file for p in providers.values()])
+            registry = DeviceFlowRegistry(
+                providers=providers,
+                store=store,
+                bus=bus,
+                config=config.device_flow,
+                clock=clock,
+                audit=audit or Audit(),
+            )
+            await nursery.start(registry.run)
+            services = Services(
+                config=config,
+                token=token,
+                workspace=workspace,
+                clock=clock,
+                bus=bus,
+                registry=registry,
+                store=store,
+                providers=providers,
+            )
+            app = create_app(services, route_sets)
+
+            async def shutdown() -> None:
+                await _first_of(stop.wait, *([shutdown_trigger] if shutdown_trigger is not None else []))
+                # SPEC §3 order: refuse new work, end the flows (their events go out), end the streams, then
+                # let hypercorn stop listening and drain.
+                services.shutting_down = True
+                await registry.dispose()
+                bus.close()
+
+            async def serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                await hypercorn.trio.serve(app, hc, shutdown_trigger=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()  # hypercorn has drained: stop the store's refresher too
+
+            urls: list[str] = await nursery.start(serve)
             bound = True
             task_status.started(RunningDaemon(url=urls[0], urls=urls, services=services, _stop=stop))
     except BaseExceptionGroup as group:

@@ -18,7 +18,7 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -32,6 +32,7 @@ from werkzeug.exceptions import HTTPException
 from serve import __version__, wire
 from serve.clock import WallClock
 from serve.config import Config, is_loopback_host
+from serve.credentials import CredentialStore
 from serve.errors import (
     InvalidHost,
     InvalidJson,
@@ -44,6 +45,8 @@ from serve.errors import (
     Unauthorized,
 )
 from serve.events import EventBus
+from serve.providers.base import DeviceFlowProvider
+from serve.registry import DeviceFlowRegistry
 
 log = logging.getLogger("serve.http")
 
@@ -65,7 +68,7 @@ class Services:
     """What the HTTP layer serves from, built by the daemon (the composition root) and shared by reference.
 
     `token` None means token-less (strict routes answer `token_required`). `shutting_down` is set first at
-    shutdown (SPEC §3). `registry`, `store` and `providers` are filled in by the daemon as those parts exist.
+    shutdown (SPEC §3).
     """
 
     config: Config
@@ -73,10 +76,10 @@ class Services:
     workspace: Path
     clock: WallClock
     bus: EventBus
+    registry: DeviceFlowRegistry
+    store: CredentialStore
+    providers: Mapping[str, DeviceFlowProvider]
     shutting_down: bool = False
-    registry: Any = None
-    store: Any = None
-    providers: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,7 +196,11 @@ async def test_health_is_open_and_everything_else_needs_the_bearer(
         assert_json(await client.post("/health"), 401, UNAUTHORIZED)
         assert_json(await client.get("/nope"), 401, UNAUTHORIZED)
         assert_json(await client.get("/nope", headers=auth), 404, NOT_FOUND)
-        assert_json(await client.get(f"{STRICT}/some-id", headers=auth), 404, NOT_FOUND)
+        assert_json(
+            await client.get(f"{STRICT}/some-id", headers=auth),
+            404,
+            {"error": "Device-flow some-id not found", "code": "device_flow_not_found"},
+        )
 
 
 # --- gate 4: strict -----------------------------------------------------------------------------------
@@ -241,7 +245,11 @@ async def test_the_strict_gate_is_not_fooled_by_doubled_slashes(tokenless: Runni
 async def test_tokenless_reads_are_not_strict(tokenless: RunningDaemon) -> None:
     async with httpx.AsyncClient(base_url=tokenless.url) as c:
         with trio.fail_after(5):
-            assert_json(await c.get(f"{STRICT}/abc"), 404, NOT_FOUND)
+            assert_json(
+                await c.get(f"{STRICT}/abc"),
+                404,
+                {"error": "Device-flow abc not found", "code": "device_flow_not_found"},
+            )
             assert_json(await c.post("/workspace/auth/device-flowX"), 404, NOT_FOUND)
             assert (await c.get("/capabilities")).status_code == 200
 
@@ -421,8 +429,9 @@ async def test_capabilities_lists_what_this_build_serves(
     assert response.status_code == 200
     assert response.text == (
         '{"v":1,"protocolVersions":{"current":"v1","supported":["v1"]},'
-        f'"serverVersion":"{__version__}","mode":"native","features":["health","capabilities"],'
-        f'"modelServices":[],"transports":["rest"],"workspaceCwd":{json.dumps(str(workspace))}}}'
+        f'"serverVersion":"{__version__}","mode":"native","features":["health","capabilities",'
+        '"auth_device_flow","auth_status_providers","workspace_auth_events"],'
+        f'"modelServices":[],"transports":["rest","ws-events"],"workspaceCwd":{json.dumps(str(workspace))}}}'
     )
 
 

@@ -1,0 +1,80 @@
+"""The device-flow routes, the status snapshot and `/openapi.json` (SPEC §2), wire-compatible with
+`qwen serve` 0.24.4.
+
+Gates 1–5 (Host, Origin, bearer, strict, body size) have already run in `serve.http.app` before any of
+these handlers; gate 6 (`X-Qwen-Client-Id`) is checked here, at the point SPEC §2 gives: after the body
+checks on POST, after the 404 lookup on GET and DELETE.
+"""
+
+from __future__ import annotations
+
+import re
+
+from quart import Quart, Response, request
+
+from serve import wire
+from serve.errors import InvalidClientId, InvalidRequest, UnsupportedProvider
+from serve.http.app import RouteSet, Services, json_response, read_json_body
+from serve.http.openapi import openapi_document
+from serve.status import provider_statuses
+
+CLIENT_ID_HEADER = "X-Qwen-Client-Id"
+_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def client_id_from_request() -> str | None:
+    """Gate 6: an empty header is absent; anything else must be a short token (attribution, not identity)."""
+    value = request.headers.get(CLIENT_ID_HEADER, "")
+    if value == "":
+        return None
+    if not _CLIENT_ID_RE.fullmatch(value):
+        raise InvalidClientId
+    return value
+
+
+def _install(app: Quart, services: Services) -> None:
+    registry = services.registry
+    workspace_cwd = str(services.workspace)
+
+    @app.post("/workspace/auth/device-flow")
+    async def start_device_flow() -> Response:
+        body = await read_json_body()
+        provider_id = body.get("providerId") if isinstance(body, dict) else None
+        if not isinstance(provider_id, str) or not provider_id:
+            raise InvalidRequest
+        if provider_id not in registry.supported_providers:
+            raise UnsupportedProvider(provider_id, registry.supported_providers)
+        client_id = client_id_from_request()
+        outcome = await registry.start(provider_id, client_id)
+        return json_response(wire.start_body(outcome, client_id), 200 if outcome.attached else 201)
+
+    @app.get("/workspace/auth/device-flow/<device_flow_id>")
+    async def get_device_flow(device_flow_id: str) -> Response:
+        view = registry.get(device_flow_id)
+        return json_response(wire.flow_body(view, client_id_from_request()))
+
+    @app.delete("/workspace/auth/device-flow/<device_flow_id>")
+    async def cancel_device_flow(device_flow_id: str) -> Response:
+        registry.get(device_flow_id)  # 404 before the client-id check, as the original orders them
+        registry.cancel(device_flow_id, client_id_from_request())
+        return Response(b"", status=204, content_type="application/json")
+
+    @app.get("/workspace/auth/status")
+    async def auth_status() -> Response:
+        cells = provider_statuses(services.providers.values(), services.store, services.clock.now_ms())
+        return json_response(
+            wire.status_body(
+                workspace_cwd=workspace_cwd,
+                providers=cells,
+                pending=registry.pending(),
+                supported_providers=registry.supported_providers,
+            )
+        )
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return json_response(openapi_document())
+
+
+DEVICE_FLOW_ROUTES = RouteSet(install=_install, features=("auth_device_flow", "auth_status_providers"))
+"""The REST routes as the daemon adds them."""
