@@ -1,0 +1,103 @@
+"""Serve a `FakeIdP` over real HTTP on loopback, for integration and end-to-end tests.
+
+The same scripted, request-validating IdP the unit tests use behind `httpx.MockTransport`, but reached
+through a real hypercorn on 127.0.0.1:0, so the daemon's own httpx client, its timeouts and its TCP
+connections are the ones a user has. A validation failure inside the IdP cannot raise through the
+daemon: it is recorded in `errors` (and answered with a 500), and `serve_idp` fails the test on exit.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import hypercorn.config
+import hypercorn.trio
+import trio
+from fake_idp import FakeIdP
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+
+
+@dataclass
+class ServedIdP:
+    idp: FakeIdP
+    url: str
+    errors: list[str] = field(default_factory=list)
+    # Seconds to wait before answering each token request (a slow IdP); 0 answers at once.
+    token_delay_s: float = 0.0
+
+
+def _asgi(
+    served: ServedIdP,
+) -> Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]:
+    async def app(
+        scope: Scope, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        query = scope.get("query_string", b"").decode()
+        url = served.idp.base_url + scope["path"] + (f"?{query}" if query else "")
+        request = httpx.Request(
+            scope["method"], url, headers=[(k.decode(), v.decode()) for k, v in scope["headers"]], content=body
+        )
+        if served.token_delay_s and url == served.idp.token_url:
+            await trio.sleep(served.token_delay_s)
+        try:
+            response = served.idp(request)
+            response.read()
+        except AssertionError:
+            served.errors.append(traceback.format_exc())
+            response = httpx.Response(500, json={"error": "server_error"})
+        headers = [(k.encode(), v.encode()) for k, v in response.headers.items() if k.lower() != "content-length"]
+        content = response.content
+        headers.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+    return app
+
+
+@asynccontextmanager
+async def serve_idp(idp: FakeIdP) -> AsyncIterator[ServedIdP]:
+    """Run `idp` on http://127.0.0.1:PORT (its `base_url` is set to that) until the block ends."""
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.graceful_timeout = 0.2
+    config.accesslog = None
+    config.errorlog = None
+    stop = trio.Event()
+    served = ServedIdP(idp=idp, url="")
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            lambda task_status: hypercorn.trio.serve(
+                _asgi(served),
+                config,
+                shutdown_trigger=stop.wait,
+                task_status=task_status,  # type: ignore[arg-type]
+            )
+        )
+        served.url = urls[0]
+        idp.base_url = urls[0]
+        try:
+            yield served
+        finally:
+            stop.set()
+    assert not served.errors, "the fake IdP refused a request:\n" + "\n".join(served.errors)
