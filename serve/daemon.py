@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,13 +74,44 @@ class RunningDaemon:
         self._stop.set()
 
 
+class _HypercornConfig(hypercorn.config.Config):
+    """Hypercorn's config, plus TCP_USER_TIMEOUT on the listening sockets (accepted sockets inherit it).
+
+    Hypercorn writes to a socket inside a shielded scope, so no cancellation can free a task writing to a
+    peer that stopped reading (a zero TCP window): such a peer would hold its handler, and shutdown, for as
+    long as it lives. With TCP_USER_TIMEOUT the kernel drops a connection whose sent data goes unacknowledged
+    for that long, the write fails, and the handler ends. Linux only; elsewhere the option is skipped.
+    """
+
+    user_timeout_ms: int | None = None
+
+    def create_sockets(self) -> hypercorn.config.Sockets:
+        sockets = super().create_sockets()
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if option is not None and self.user_timeout_ms:
+            for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, option, self.user_timeout_ms)
+        return sockets
+
+
+def stalled_peer_timeout_s(config: Config) -> float:
+    """How long a peer may accept no data before the kernel drops it: twice the heartbeat, at least 5 s.
+
+    The event stream already releases a stalled subscriber after one heartbeat period (SPEC §4); this is the
+    socket-level backstop that frees the handler itself, and so bounds how long shutdown can wait on one.
+    """
+    return max(2 * config.events.heartbeat_s, 5.0)
+
+
 def hypercorn_config(config: Config, *, keep_alive_timeout_s: float | None = None) -> hypercorn.config.Config:
     """Hypercorn's settings from ours: the bind, TLS passthrough, graceful timeout, no access log."""
     server = config.server
     host = server.host
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    hc = hypercorn.config.Config()
+    hc = _HypercornConfig()
+    hc.user_timeout_ms = int(stalled_peer_timeout_s(config) * 1000)
     hc.bind = [f"{host}:{server.port}"]
     hc.graceful_timeout = server.graceful_timeout_s
     hc.certfile = server.certfile

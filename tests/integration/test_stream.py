@@ -5,6 +5,7 @@ Events are published straight onto the daemon's bus, so these tests need no regi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -471,3 +472,34 @@ async def test_a_handler_error_closes_1011(
             assert (reason.code, reason.reason) == (1011, "internal error")
             await wait_until(lambda: bus_of(daemon).subscriber_count == 0)
     assert "event stream failed" in caplog.text
+
+
+async def test_a_peer_that_stopped_reading_does_not_hold_shutdown(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], bearer: Headers
+) -> None:
+    # Hypercorn's socket writes are shielded: without TCP_USER_TIMEOUT on the listener, a client that
+    # stops reading pins its handler, and `run_daemon` never returns while that client lives.
+    release = trio.Event()
+
+    async def stuck_client(daemon: RunningDaemon, *, task_status: trio.TaskStatus[None]) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async with open_stream(daemon, bearer, message_queue_size=1):
+                task_status.started()
+                await release.wait()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as clients:
+            async with start_stream(subscriber_queue=1000, heartbeat_s=0.5) as daemon:
+                await clients.start(stuck_client, daemon)
+                bus = bus_of(daemon)
+                published = 0
+                while bus.subscriber_count and published < 400:  # fill the socket buffers until the write stalls
+                    bus.publish(FlowFailed(f"df-{published}", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, BIG_HINT))
+                    published += 1
+                    await trio.sleep(0.005)
+                assert published < 400
+                stopping_at = trio.current_time()
+            took = trio.current_time() - stopping_at
+            release.set()
+    # The kernel drops the silent peer after max(2 x heartbeat, 5 s); the bound here is generous.
+    assert took < 15
