@@ -97,7 +97,7 @@ class RouteSet:
 
 def create_app(services: Services, route_sets: Sequence[RouteSet] = ()) -> QuartTrio:
     """The ASGI app hypercorn serves: gates, then Quart with the core routes and every `route_sets` entry."""
-    app = QuartTrio("serve")
+    app = QuartTrio("serve", static_folder=None)  # no default `/static` route: every route is documented
     app.config["MAX_CONTENT_LENGTH"] = services.config.server.max_body_bytes
     app.extensions["qwen_serve"] = services
     # Before any route exists (STACK-NOTES 7): a redirect would answer with an HTML body.

@@ -148,8 +148,13 @@ SCHEMAS: dict[str, Any] = {
     },
 }
 
-_UNAUTHORIZED = {"401": _error("missing or wrong bearer token")}
-_STRICT = {"401": _error("missing or wrong bearer token, or `token_required` on a token-less daemon")}
+# Gates 1–2 (SPEC §1) run on every route, /health and the WebSocket handshake included.
+_FORBIDDEN = {"403": _error("`Host` not allowed (DNS-rebinding defence) or `Origin` denied by the CORS policy")}
+_UNAUTHORIZED = {"401": _error("missing or wrong bearer token"), **_FORBIDDEN}
+_STRICT = {
+    "401": _error("missing or wrong bearer token, or `token_required` on a token-less daemon"),
+    **_FORBIDDEN,
+}
 _FLOW_PARAM = [{"name": "deviceFlowId", "in": "path", "required": True, "schema": {"type": "string"}}]
 _CLIENT_ID = {
     "name": "X-Qwen-Client-Id",
@@ -179,7 +184,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "security": [],
                     "summary": "Liveness; the only route open without a token",
-                    "responses": {"200": _json(_ref("Health"), "alive")},
+                    "responses": {"200": _json(_ref("Health"), "alive"), **_FORBIDDEN},
                 }
             },
             "/capabilities": {

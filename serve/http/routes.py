@@ -13,7 +13,7 @@ import re
 from quart import Quart, Response, request
 
 from serve import wire
-from serve.errors import InvalidClientId, InvalidRequest, UnsupportedProvider
+from serve.errors import InvalidClientId, InvalidRequest, ShuttingDown, UnsupportedProvider
 from serve.http.app import RouteSet, Services, json_response, read_json_body
 from serve.http.openapi import openapi_document
 from serve.status import provider_statuses
@@ -45,6 +45,9 @@ def _install(app: Quart, services: Services) -> None:
         if provider_id not in registry.supported_providers:
             raise UnsupportedProvider(provider_id, registry.supported_providers)
         client_id = client_id_from_request()
+        if services.shutting_down:
+            # SPEC §3: once shutdown is marked, new POSTs get 503, even before the registry is disposed.
+            raise ShuttingDown
         outcome = await registry.start(provider_id, client_id)
         return json_response(wire.start_body(outcome, client_id), 200 if outcome.attached else 201)
 

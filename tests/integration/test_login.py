@@ -15,49 +15,9 @@ from typing import Any
 import httpx
 import trio
 import trio_websocket
-from fake_idp import FakeIdP, json_reply
+from fake_idp import json_reply
 from idp_server import serve_idp
-
-from serve.config import Config, load_config
-
-QWEN_CLIENT_ID = "f0304373b74a44d2b584a3fb70ca9e56"
-QWEN_SCOPE = "openid profile email model.completion"
-
-
-def qwen_idp(**kwargs: Any) -> FakeIdP:
-    """A fake IdP speaking qwen-oauth's endpoints and checking its exact requests (WIRE-EXAMPLES)."""
-    return FakeIdP(
-        device_path="/api/v1/oauth2/device/code",
-        token_path="/api/v1/oauth2/token",
-        client_id=QWEN_CLIENT_ID,
-        scope=QWEN_SCOPE,
-        expect_request_id=True,
-        **kwargs,
-    )
-
-
-def login_config(base_url: str, **device_flow: Any) -> Config:
-    return load_config(
-        overrides={
-            "server": {"port": 0, "graceful_timeout_s": 0.5},
-            "device_flow": {"min_interval_s": 0.05, "slow_down_step_s": 0.2, **device_flow},
-            "providers": {"qwen-oauth": {"base_url": base_url}},
-        }
-    )
-
-
-def device_reply(base: str, interval: float = 0.1) -> httpx.Response:
-    return json_reply(
-        200,
-        {
-            "device_code": "device-code-1",
-            "user_code": "USER-0001",
-            "verification_uri": f"{base}/authorize",
-            "verification_uri_complete": f"{base}/authorize?user_code=USER-0001&client=qwen-code",
-            "expires_in": 600,
-            "interval": interval,
-        },
-    )
+from login_helpers import device_reply, login_config, qwen_idp
 
 
 async def test_whole_login_events_credentials_and_status(
