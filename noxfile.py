@@ -20,6 +20,9 @@ CONSTRAINTS = ("-c", "conf/constraints.txt")
 def tests(session: nox.Session) -> None:
     """The whole test suite (unit, integration, end to end) against the pinned versions."""
     session.install(*CONSTRAINTS, "-e", ".[test]")
+    # The official TypeScript SDK for tests/e2e, exactly as tests/e2e/package-lock.json pins it (peer-only
+    # packages, TypeScript itself, are not needed at run time).
+    session.run("npm", "ci", "--prefix", "tests/e2e", "--no-audit", "--no-fund", "--omit=peer", external=True)
     session.run("pytest", *session.posargs)
 
 
@@ -40,4 +43,4 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Speed and memory figures (not part of the default run)."""
     session.install(*CONSTRAINTS, "-e", ".[test]")
-    session.run("python", "-m", "tests.bench", *session.posargs)
+    session.run("python", "tests/bench/bench.py", *session.posargs)
