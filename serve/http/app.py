@@ -30,6 +30,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from serve import __version__, wire
+from serve.audit import sanitize
 from serve.clock import WallClock
 from serve.config import Config, is_loopback_host
 from serve.credentials import CredentialStore
@@ -187,7 +188,7 @@ def _install_error_handlers(app: Quart) -> None:
     @app.errorhandler(Exception)
     async def on_unexpected(exc: Exception) -> Response:
         # The traceback goes to the log (stderr); the client learns nothing about it.
-        log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+        log.error("unhandled error in %s %s", request.method, sanitize(request.path), exc_info=exc)
         return error_response(ServeError())
 
     @app.after_request
@@ -378,7 +379,18 @@ def shield_final_send(app: ASGIApp) -> ASGIApp:
         async def send_final_shielded(message: Message) -> None:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + FINAL_SEND_BOUND_S):
-                    await send(message)
+                    try:
+                        await send(message)
+                    except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        # The peer hung up while its body was still arriving (an early 401/413 is the usual
+                        # case) and hypercorn's reader is already closing the socket without taking the
+                        # send lock. Nothing is left to deliver; without this, each such request logged an
+                        # "Error in ASGI Framework" traceback, a log flood anyone could trigger.
+                        log.debug(
+                            "peer closed before the final body was sent: %s %s",
+                            scope["method"],
+                            sanitize(scope["path"]),
+                        )
             else:
                 await send(message)
 

@@ -200,3 +200,50 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--config", "--host", "--port", "--workspace", "--token", "--token-file", "--no-token", "--log-level"):
         assert flag in help_text
     assert main([]) == 2
+
+
+async def test_peers_hanging_up_on_an_early_reject_log_no_tracebacks(
+    cli_env: dict[str, str], workspace: Path, tmp_path: Path
+) -> None:
+    # A client that declares a body, gets its early 401 and hangs up races hypercorn's reader, which closes
+    # the socket without taking the send lock: the final send raised BusyResourceError and hypercorn logged
+    # a 2 KB traceback per request ("Error in ASGI Framework"), a log flood anyone could trigger without a
+    # token. The race needs a separate process (in-process, the loop orders the two tasks).
+    stderr_path = tmp_path / "stderr"
+    with stderr_path.open("wb") as stderr_file:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "serve", "run", "--port", "0", "--token", "t0ken-for-this-test"],
+            cwd=workspace,
+            env=cli_env,
+            stdout=subprocess.PIPE,
+            stderr=stderr_file,
+        )
+    assert process.stdout is not None
+    try:
+        with trio.fail_after(20):
+            match = LISTENING.match((await read_line(process.stdout)).decode())
+            assert match
+            port = int(match.group(1).rsplit(":", 1)[1])
+            request = (
+                f"POST /workspace/auth/device-flow HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 26\r\n\r\n{{"
+            ).encode()
+            statuses = set()
+            for _ in range(200):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(request)
+                    response = b""
+                    while not response.endswith(b'"Unauthorized"}'):  # the whole 401, then hang up at once
+                        chunk = await stream.receive_some(65536)
+                        assert chunk, response
+                        response += chunk
+                    statuses.add(response[:12])
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert statuses == {b"HTTP/1.1 401"}
+    stderr = stderr_path.read_text()
+    assert "Traceback" not in stderr and "ERROR" not in stderr, stderr[:3000]
