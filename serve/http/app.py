@@ -169,7 +169,7 @@ async def read_json_body() -> Any:
         return {}
     try:
         return json.loads(raw, parse_constant=_reject_constant)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: `[[[[…` nested deeper than the parser goes
         raise InvalidJson from exc
 
 
