@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -179,17 +180,83 @@ def _url(key: str, v: Any) -> str:
     return url
 
 
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
+def _host_name(key: str, host: str) -> str:
+    """An IP literal (IPv6 with or without brackets) or a DNS name, lower-cased; IPv6 comes back bracketed."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        if bare is host and _HOSTNAME_RE.fullmatch(host):
+            return host.lower()
+        raise ConfigError(key, f"expected an IP address or a host name, got {host!r}") from None
+    return f"[{address.compressed}]" if address.version == 6 else address.compressed
+
+
+def _bind_host(key: str, v: Any) -> str:
+    """The address to bind: as given (hypercorn takes it), once it is known to be a host and not a URL."""
+    host = _str(key, v)
+    _host_name(key, host)
+    return host
+
+
+def _host_list(key: str, v: Any) -> tuple[str, ...]:
+    """`extra_hosts`: each `host` or `host:port`, normalised the way the Host gate compares them."""
+    out = []
+    for item in _str_list(key, v):
+        host, port = item, None
+        if item.startswith("["):
+            end = item.find("]")
+            host, rest = item[: end + 1], item[end + 1 :]
+            if rest:
+                port = rest.removeprefix(":") if rest.startswith(":") else "x"
+        elif item.count(":") == 1:
+            host, port = item.split(":")
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(key, f"expected host or host:port (no wildcards), got {item!r}")
+        name = _host_name(key, host)
+        out.append(name if port is None else f"{name}:{port}")
+    return tuple(out)
+
+
+def _origin_list(key: str, v: Any) -> tuple[str, ...]:
+    """`allow_origins`: each exactly an origin, `scheme://host[:port]`, as browsers send it."""
+    out = []
+    for item in _str_list(key, v):
+        parts = urlsplit(item)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+            or (parts.query or parts.fragment or parts.username)
+        ):
+            raise ConfigError(key, f"expected an origin like https://app.example.com[:port], got {item!r}")
+        out.append(item.lower().rstrip("/"))
+    return tuple(out)
+
+
+def _readable_file(key: str, v: Any) -> str:
+    path = _str(key, v)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ConfigError(key, f"not a readable file: {path!r}")
+    return path
+
+
 _SERVER: dict[str, Check] = {
-    "host": _str,
+    "host": _bind_host,
     "port": _int(0, 65535),
     "workspace": _str,
     "token_file": _str,
-    "extra_hosts": _str_list,
-    "allow_origins": _str_list,
+    "extra_hosts": _host_list,
+    "allow_origins": _origin_list,
     "max_body_bytes": _int(1, 1 << 30),
     "graceful_timeout_s": _num(0, 60),
-    "certfile": _str,
-    "keyfile": _str,
+    "certfile": _readable_file,
+    "keyfile": _readable_file,
 }
 _DEVICE_FLOW: dict[str, Check] = {
     "default_interval_s": _num(0.001, 3600),

@@ -79,7 +79,7 @@ def test_config_flag_beats_qwen_serve_config(tmp_path: Path) -> None:
         ('[server]\nextra_hosts = "a"\n', "server.extra_hosts"),
         ("[events]\nheartbeat_s = -1\n", "events.heartbeat_s"),
         ("[device_flow]\nmax_active = 1.5\n", "device_flow.max_active"),
-        ('[server]\ncertfile = "c.pem"\n', "server.keyfile"),
+        ('[server]\ncertfile = "c.pem"\n', "server.certfile"),  # no such file
     ],
 )
 def test_a_bad_key_is_named(tmp_path: Path, toml: str, key: str) -> None:
@@ -97,3 +97,46 @@ def test_a_missing_or_broken_file_is_a_config_error(tmp_path: Path) -> None:
     broken.write_text("[server\n")
     with pytest.raises(ConfigError):
         load_config([broken])
+
+
+# Review findings: values that used to pass validation and then failed later (exit 1, "cannot listen") or
+# were accepted and silently never matched.
+@pytest.mark.parametrize(
+    ("server", "key"),
+    [
+        ({"host": "http://127.0.0.1"}, "server.host"),
+        ({"host": "bad host"}, "server.host"),
+        ({"extra_hosts": ["*.example.com"]}, "server.extra_hosts"),
+        ({"extra_hosts": ["example.com:http"]}, "server.extra_hosts"),
+        ({"allow_origins": ["https://app.example.com/path"]}, "server.allow_origins"),
+        ({"allow_origins": ["app.example.com"]}, "server.allow_origins"),
+        ({"certfile": "/nonexistent/cert.pem", "keyfile": "/nonexistent/key.pem"}, "server.certfile"),
+    ],
+)
+def test_server_values_are_checked_at_load(server: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"server": server})
+    assert info.value.key == key
+
+
+def test_hosts_and_origins_are_normalised_as_the_gates_compare_them() -> None:
+    config = load_config(
+        overrides={
+            "server": {
+                "host": "::1",
+                "extra_hosts": ["fe80::1", "Build.Example.com:8080", "[::1]:99", "10.0.0.7"],
+                "allow_origins": ["https://App.example.com/"],
+            }
+        }
+    )
+    assert config.server.host == "::1"
+    assert config.server.extra_hosts == ("[fe80::1]", "build.example.com:8080", "[::1]:99", "10.0.0.7")
+    assert config.server.allow_origins == ("https://app.example.com",)
+
+
+def test_a_certfile_needs_a_keyfile(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not checked here: hypercorn loads it")
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"server": {"certfile": str(cert)}})
+    assert info.value.key == "server.keyfile"
