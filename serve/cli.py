@@ -40,6 +40,7 @@ class Command:
     description: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, Mapping[str, str]], int]
+    epilog: str | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,11 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen-serve",
         description="A daemon that brokers OAuth 2.0 device logins (RFC 8628) for remote clients.",
+        epilog="Run `qwen-serve run --help` for the daemon's options, token and environment.",
     )
     parser.add_argument("--version", action="version", version=f"qwen-serve {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in COMMANDS:
-        sub = subparsers.add_parser(command.name, help=command.help, description=command.description)
+        sub = subparsers.add_parser(
+            command.name,
+            help=command.help,
+            description=command.description,
+            epilog=command.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         command.add_arguments(sub)
         sub.set_defaults(command=command)
     return parser
@@ -104,7 +112,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     token.add_argument(
         "--token-file",
         metavar="F",
-        help="read the bearer token from F (must not be readable by group or others)",
+        help="read the bearer token from F (refused if group or others have any access)",
     )
     token.add_argument(
         "--no-token",
@@ -199,11 +207,40 @@ async def _serve(config: Config, *, token: bytes | None, workspace: Path, home: 
     return 0
 
 
+RUN_EPILOG = """\
+bearer token (first that is set wins):
+  --token T            visible to other local users in `ps`: prefer the env or a file
+  $QWEN_SERVER_TOKEN   (empty counts as unset)
+  --token-file F       refused (exit 2) if group or others have any access, as ssh refuses a key
+  otherwise            $QWEN_HOME/serve/token, reused if mode 0600, else generated (dir 0700, file 0600);
+                       its path is printed on stderr, never the token. Clients send
+                       `Authorization: Bearer <token>`; only GET /health is open.
+  --no-token           loopback binds only; reads work, starting or cancelling a login answers 401
+
+environment:
+  QWEN_HOME            where credentials and the generated token live (default ~/.qwen)
+  QWEN_SERVE_CONFIG    a config file, as --config
+  QWEN_OAUTH_BASE_URL  the qwen-oauth IdP (default https://chat.qwen.ai)
+  HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE apply to requests to identity providers
+
+A non-loopback --host needs a token and should use TLS ([server] certfile/keyfile). Every key and its
+default is in conf/serve.toml.
+
+output and exit codes:
+  stdout gets exactly one line once bound: `qwen-serve listening on URL (workspace=DIR)`; logs and audit
+  lines go to stderr. Exit 0 after SIGINT/SIGTERM, 1 if the address cannot be bound, 2 for a bad flag,
+  configuration key or token file.
+
+example:
+  qwen-serve run --port 0 --workspace ~/src/project --config ~/.config/qwen-serve.toml
+"""
+
 COMMANDS: list[Command] = [
     Command(
         name="run",
         help="run the daemon",
         description="Serve the device-flow API for one workspace until SIGINT or SIGTERM.",
+        epilog=RUN_EPILOG,
         add_arguments=_add_run_arguments,
         run=_run,
     ),

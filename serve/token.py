@@ -116,7 +116,10 @@ def _reuse_or_generate(path: Path) -> ResolvedToken:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write `data` atomically with mode 0600, in a directory made (or tightened to) 0700."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Every directory we create is 0700, $QWEN_HOME included (`parents=True` would make those 0755).
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
     path.parent.chmod(0o700)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote_plus, urlencode
 
 import httpx
 
@@ -198,7 +198,9 @@ class FakeIdP:
         assert len(form) == len(pairs), "a repeated form parameter"
         if self.client_auth == "client_secret_basic":
             assert "client_id" not in form and "client_secret" not in form
-            expected = base64.b64encode(f"{self.client_id}:{self.client_secret}".encode()).decode()
+            # RFC 6749 §2.3.1: each part form-urlencoded, then Basic.
+            pair = f"{quote_plus(self.client_id)}:{quote_plus(self.client_secret or '')}"
+            expected = base64.b64encode(pair.encode()).decode()
             assert request.headers["authorization"] == f"Basic {expected}"
         else:
             assert "authorization" not in request.headers

@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote_plus, urlsplit
 
 import httpx
 import trio
@@ -176,7 +176,7 @@ class Rfc8628Provider:
         if auth != "none":
             secret = await self._client_secret()
             if auth == "client_secret_basic":
-                pair = f"{quote(self._config.client_id, safe='')}:{quote(secret.reveal(), safe='')}"
+                pair = f"{quote_plus(self._config.client_id)}:{quote_plus(secret.reveal())}"
                 headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
             else:
                 body["client_secret"] = secret.reveal()

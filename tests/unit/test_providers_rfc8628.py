@@ -220,6 +220,16 @@ async def test_client_secret_basic_from_env(idp: FakeIdP, http: httpx.AsyncClien
     assert repr(provider) == "Rfc8628Provider('acme')"
 
 
+async def test_client_secret_basic_form_encodes_id_and_secret(idp: FakeIdP, http: httpx.AsyncClient) -> None:
+    # RFC 6749 §2.3.1: id and secret are form-urlencoded before the Basic encoding (a space is `+`, not
+    # `%20`); the FakeIdP decodes them that way, so `%20` would be refused.
+    idp.client_auth, idp.client_secret = "client_secret_basic", "a b+c/d"
+    provider = make_provider(http, env={"ACME_SECRET": "a b+c/d"}, client_secret_env="ACME_SECRET")
+    assert isinstance(await provider.poll(await provider.start()), PollSuccess)
+    sent = idp.requests[-1].headers["authorization"]
+    assert base64.b64decode(sent.removeprefix("Basic ")).decode() == "client-1:a+b%2Bc%2Fd"
+
+
 async def test_client_secret_post_from_a_file_is_reread_each_time(
     idp: FakeIdP, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:

@@ -144,3 +144,11 @@ def test_qwen_home_defaults_to_dot_qwen(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert qwen_home({}) == tmp_path / ".qwen"
     assert qwen_home({"QWEN_HOME": ""}) == tmp_path / ".qwen"
     assert qwen_home({"QWEN_HOME": "/srv/q"}) == Path("/srv/q")
+
+
+def test_every_directory_made_for_the_token_is_0700(tmp_path: Path) -> None:
+    home = tmp_path / "fresh" / ".qwen"  # neither exists yet
+    resolve(home)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / "serve").stat().st_mode) == 0o700
