@@ -29,8 +29,9 @@ class ServedIdP:
     idp: FakeIdP
     url: str
     errors: list[str] = field(default_factory=list)
-    # Seconds to wait before answering each token request (a slow IdP); 0 answers at once.
+    # Seconds to wait before answering each token / device request (a slow IdP); 0 answers at once.
     token_delay_s: float = 0.0
+    device_delay_s: float = 0.0
 
 
 def _asgi(
@@ -60,6 +61,8 @@ def _asgi(
         )
         if served.token_delay_s and url == served.idp.token_url:
             await trio.sleep(served.token_delay_s)
+        if served.device_delay_s and url == served.idp.device_url:
+            await trio.sleep(served.device_delay_s)
         try:
             response = served.idp(request)
             response.read()

@@ -912,3 +912,33 @@ async def test_device_code_verifier_and_tokens_never_reach_a_body_or_a_frame(
     for line in lines:
         for secret in secrets:
             assert secret not in line
+
+
+async def test_concurrent_posts_coalesce_on_one_idp_start(start_daemon: StartDaemon, auth: dict[str, str]) -> None:
+    # SPEC §2/§3: concurrent POSTs for one provider share one in-flight start (exactly one device code is
+    # minted); the first caller is the initiator (201), every other caller attaches (200).
+    idp = qwen_idp()
+    script_devices(idp, interval=60)
+    async with qwen_daemon(start_daemon, idp) as (served, daemon):
+        served.device_delay_s = 0.5  # hold the start open so every POST arrives while it is in flight
+        answers: list[httpx.Response] = []
+        async with httpx.AsyncClient(base_url=daemon.url, headers=auth) as http:
+
+            async def post(n: int) -> None:
+                headers = {} if n == 0 else {"X-Qwen-Client-Id": f"client-{n}"}
+                answers.append(await http.post(FLOWS_PATH, json={"providerId": "qwen-oauth"}, headers=headers))
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(post, 0)
+                    await trio.sleep(0.1)  # the anonymous caller is first
+                    for n in range(1, 6):
+                        nursery.start_soon(post, n)
+    assert sorted(a.status_code for a in answers) == [200] * 5 + [201]
+    assert len({a.json()["deviceFlowId"] for a in answers}) == 1
+    first = next(a.json() for a in answers if a.status_code == 201)
+    assert first["attached"] is False and first["userCode"] == "USER-0001"
+    for attached in (a.json() for a in answers if a.status_code == 200):
+        assert attached["attached"] is True
+        assert "userCode" not in attached and "initiatorClientId" not in attached
+    assert [r.url.path for r in idp.requests].count("/api/v1/oauth2/device/code") == 1
