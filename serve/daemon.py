@@ -43,6 +43,8 @@ from serve.providers import build_providers
 from serve.registry import DeviceFlowRegistry
 from serve.store import FileCredentialStore
 
+log = logging.getLogger("serve.daemon")
+
 ShutdownTrigger = Callable[[], Awaitable[None]]
 
 STANDARD_ROUTES: tuple[RouteSet, ...] = (DEVICE_FLOW_ROUTES, EVENT_STREAM)
@@ -162,6 +164,7 @@ async def run_daemon(
     try:
         async with http, trio.open_nursery() as nursery:
             providers = build_providers(config, http, env=env, now_ms=clock.now_ms)
+            _warn_about_missing_client_secrets(config, env)
             store = credential_store or FileCredentialStore(qwen_home)
             if isinstance(store, FileCredentialStore):
                 await nursery.start(store.run, [p.credentials_file for p in providers.values()])
@@ -206,6 +209,26 @@ async def run_daemon(
         if cause is None:
             raise
         raise ListenError(hc.bind[0], cause) from None
+
+
+def _warn_about_missing_client_secrets(config: Config, env: Mapping[str, str]) -> None:
+    """Say at start-up what would otherwise surface only as a 502 on the first login of that provider.
+
+    Not an error: the secret is read at each request, so it may appear later (a mounted file, a rotation).
+    """
+    for provider in config.providers:
+        if provider.client_secret_env and not env.get(provider.client_secret_env):
+            log.warning(
+                "provider %s: $%s is not set; its logins fail until it is",
+                provider.provider_id,
+                provider.client_secret_env,
+            )
+        if provider.client_secret_file and not os.path.isfile(provider.client_secret_file):
+            log.warning(
+                "provider %s: client_secret_file %s does not exist; its logins fail until it does",
+                provider.provider_id,
+                provider.client_secret_file,
+            )
 
 
 async def _first_of(*waits: Callable[[], Awaitable[Any]]) -> None:

@@ -131,3 +131,33 @@ scope = "openid profile"
     token_posts = [r for r in idp.requests if r.url.path == "/realms/dev/token"]
     assert len(token_posts) == 2
     assert all(r.headers["authorization"].startswith("Basic ") for r in token_posts)
+
+
+async def test_a_missing_client_secret_is_named_at_start_up(start_daemon: Any, caplog: Any, tmp_path: Path) -> None:
+    config = load_config(
+        overrides={
+            "server": {"port": 0, "graceful_timeout_s": 0.5},
+            "providers": {
+                "acme": {
+                    "kind": "rfc8628",
+                    "device_authorization_endpoint": "https://idp.example/device",
+                    "token_endpoint": "https://idp.example/token",
+                    "client_id": "c",
+                    "client_secret_env": "ACME_SECRET",
+                },
+                "other": {
+                    "kind": "rfc8628",
+                    "device_authorization_endpoint": "https://idp.example/device",
+                    "token_endpoint": "https://idp.example/token",
+                    "client_id": "c",
+                    "client_secret_file": str(tmp_path / "absent"),
+                },
+            },
+        }
+    )
+    with caplog.at_level("WARNING", logger="serve.daemon"), trio.fail_after(10):
+        async with start_daemon(config, env={}):
+            pass
+    messages = [r.getMessage() for r in caplog.records if r.name == "serve.daemon"]
+    assert any("provider acme: $ACME_SECRET is not set" in m for m in messages), messages
+    assert any("provider other: client_secret_file" in m and "does not exist" in m for m in messages), messages
