@@ -36,8 +36,6 @@ class CredentialStore(Protocol):
 
         Raises `PersistError` when the write fails; the old file, if any, is left intact.
         """
-        ...
 
     def summary(self, file_name: str) -> CredentialSummary | None:
         """The cached summary of one credentials file, or None when there is none. Never blocks."""
-        ...

@@ -77,12 +77,9 @@ class DeviceFlowProvider(Protocol):
     @property
     def credentials_file(self) -> str:
         """Where its credentials land, relative to `$QWEN_HOME`."""
-        ...
 
     async def start(self) -> DeviceAuthorization:
         """Ask the IdP for a device code. Raises `UpstreamError` (static message) on any failure."""
-        ...
 
     async def poll(self, authorization: DeviceAuthorization) -> PollResult:
         """One token request. Never raises for an IdP or network fault: those are `PollResult`s."""
-        ...
