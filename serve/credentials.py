@@ -6,6 +6,7 @@ store only writes documents atomically and summarises them for the status snapsh
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,13 +29,47 @@ class Credentials:
     account_alias: str | None = None
 
 
+class CommitGate:
+    """Decides, once, whether a credential write may still land: the writer's rename or the caller's give-up.
+
+    A write runs on a worker thread that a timeout cannot stop. Without this, a caller that gave up on a
+    slow write (and reported it failed) could see the file land afterwards, so the outcome it reported
+    would not be what is on disk. The writer calls `begin_commit()` just before its atomic rename and
+    renames only if that returns True; the caller calls `abandon()` when it stops waiting, and learns
+    whether the rename had already begun (then the write is as good as landed: the data is fsynced and
+    a rename is atomic). Thread-safe; the lock is held only to flip the state, never across I/O.
+    """
+
+    __slots__ = ("_lock", "_state")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "open"  # open → committing | abandoned
+
+    def begin_commit(self) -> bool:
+        """The writer, before its rename: True to go ahead; False when the caller already gave up."""
+        with self._lock:
+            if self._state == "open":
+                self._state = "committing"
+            return self._state == "committing"
+
+    def abandon(self) -> bool:
+        """The caller, giving up: True when the write can no longer land; False when it already began."""
+        with self._lock:
+            if self._state == "open":
+                self._state = "abandoned"
+            return self._state == "abandoned"
+
+
 class CredentialStore(Protocol):
     """Where credentials land. The real one writes on a worker thread; registry tests use a fake."""
 
-    async def save(self, credentials: Credentials) -> None:
+    async def save(self, credentials: Credentials, *, gate: CommitGate | None = None) -> None:
         """Write atomically (0600 file, 0700 directory), then update the in-process cache.
 
-        Raises `PersistError` when the write fails; the old file, if any, is left intact.
+        With a `gate`, the file is replaced only if `gate.begin_commit()` allows it at that moment.
+        Raises `PersistError` when the write fails or the gate was abandoned; the old file, if any, is
+        left intact.
         """
 
     def summary(self, file_name: str) -> CredentialSummary | None:
