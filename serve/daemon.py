@@ -7,13 +7,14 @@
         └── nursery
             ├── store.run              (loads the credential cache, then follows the files' mtimes)
             ├── registry.run           (its own nursery: the sweeper and one task per flow)
-            └── hypercorn.trio.serve(app, …, shutdown_trigger=shutdown)   (binds, answers, drains)
+            └── serve.http.server.serve(app, …, shutdown_trigger=shutdown)   (binds, answers, drains, aborts)
 
 Shutdown (SPEC §3): the trigger fires (a signal in the CLI, `RunningDaemon.shutdown()` in tests) →
 `services.shutting_down` is set (new POSTs and handshakes get 503) → `registry.dispose()` (pending flows
 end `cancelled`, their events are published; a credential write in flight finishes, ≤ 5 s) → the event bus
 closes (every stream drains, then closes 1001) → the trigger returns → hypercorn stops listening and drains
-requests for at most `graceful_timeout_s` → the store's refresher is cancelled.
+requests for at most `graceful_timeout_s`, then aborts the connections still open → the store's refresher
+is cancelled.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Any
 
 import httpx
 import hypercorn.config
-import hypercorn.trio
 import trio
 
 from serve.audit import Audit
@@ -36,6 +36,7 @@ from serve.clock import WallClock
 from serve.config import Config
 from serve.credentials import CredentialStore
 from serve.events import EventBus
+from serve.http import server
 from serve.http.app import RouteSet, Services, create_app
 from serve.http.routes import DEVICE_FLOW_ROUTES
 from serve.http.stream import EVENT_STREAM
@@ -50,6 +51,9 @@ ShutdownTrigger = Callable[[], Awaitable[None]]
 STANDARD_ROUTES: tuple[RouteSet, ...] = (DEVICE_FLOW_ROUTES, EVENT_STREAM)
 # Outbound IdP requests: each is also bounded by the registry's cancel scopes (start/poll timeouts).
 IDP_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+# The event stream reads nothing from its peers: an inbound message larger than this is a 1009 close, so a
+# peer cannot park megabytes of unfinished messages in the server (hypercorn's default is 16 MiB).
+WEBSOCKET_MAX_MESSAGE_BYTES = 4096
 
 
 class ListenError(Exception):
@@ -119,6 +123,8 @@ def hypercorn_config(config: Config, *, keep_alive_timeout_s: float | None = Non
     hc.certfile = server.certfile
     hc.keyfile = server.keyfile
     hc.accesslog = None
+    hc.alpn_protocols = ["http/1.1"]  # HTTP/1.1 only, over TLS too (serve.http.server)
+    hc.websocket_max_message_size = WEBSOCKET_MAX_MESSAGE_BYTES
     # Our logger, so hypercorn installs no handler of its own; the CLI routes it to stderr.
     hc.errorlog = logging.getLogger("hypercorn.error")
     if keep_alive_timeout_s is not None:
@@ -140,6 +146,7 @@ async def run_daemon(
     audit: Audit | None = None,
     env: Mapping[str, str] | None = None,
     keep_alive_timeout_s: float | None = None,
+    max_connections: int | None = None,
     task_status: trio.TaskStatus[RunningDaemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` until `shutdown_trigger` returns or `RunningDaemon.shutdown()` is called.
@@ -147,13 +154,16 @@ async def run_daemon(
     `task_status.started()` gets the `RunningDaemon` once the socket is bound (its `url` is the one hypercorn
     bound, with the real port when `port = 0`). `qwen_home` is where credentials live; `http_transport` (for
     the IdPs), `credential_store`, `audit` and `env` (for client secrets; default `os.environ`) are seams for
-    tests: real components are injected, not mocked. Raises `ListenError` if the address cannot be bound.
+    tests: real components are injected, not mocked. `max_connections` defaults to what the descriptor limit
+    allows (raised to its hard limit first). Raises `ListenError` if the address cannot be bound.
     Cancelling it stops at once, without the graceful drain.
     """
     clock = clock or WallClock()
     env = os.environ if env is None else env
     bus = EventBus(clock=clock, ring_size=config.events.ring_size, subscriber_queue=config.events.subscriber_queue)
     hc = hypercorn_config(config, keep_alive_timeout_s=keep_alive_timeout_s)
+    if max_connections is None:
+        max_connections = server.connection_budget(server.raise_file_limit())
     stop = trio.Event()
     bound = False
     # trust_env: HTTPS_PROXY, NO_PROXY and SSL_CERT_FILE apply to IdP requests (SPEC §5); redirects are never
@@ -198,7 +208,9 @@ async def run_daemon(
                 bus.close()
 
             async def serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn.trio.serve(app, hc, shutdown_trigger=shutdown, task_status=task_status)
+                await server.serve(
+                    app, hc, shutdown_trigger=shutdown, max_connections=max_connections, task_status=task_status
+                )
                 nursery.cancel_scope.cancel()  # hypercorn has drained: stop the store's refresher too
 
             urls: list[str] = await nursery.start(serve)

@@ -4,6 +4,7 @@
     ├── InvalidRequest              400 invalid_request
     ├── InvalidJson                 400 invalid_json
     ├── InvalidClientId             400 invalid_client_id
+    ├── InvalidRequestTarget        400 invalid_request_target (+)  an absolute-form or `*` request target
     ├── UnsupportedProvider         400 unsupported_provider  (+ supportedProviders)
     ├── Unauthorized                401 (no code, as the original)   + WWW-Authenticate: Bearer
     ├── TokenRequired               401 token_required
@@ -68,6 +69,14 @@ class InvalidClientId(ServeError):
     status = 400
     code = "invalid_client_id"
     default_message = "`X-Qwen-Client-Id` must be a non-empty token of 128 characters or fewer"
+
+
+class InvalidRequestTarget(ServeError):
+    """(+) The request target is not origin-form (`/path`): refused so gates and router see one path."""
+
+    status = 400
+    code = "invalid_request_target"
+    default_message = "The request target must be a path (origin-form), not an absolute URI"
 
 
 class UnsupportedProvider(ServeError):

@@ -37,6 +37,7 @@ from serve.credentials import CredentialStore
 from serve.errors import (
     InvalidHost,
     InvalidJson,
+    InvalidRequestTarget,
     MethodNotAllowed,
     OriginDenied,
     PayloadTooLarge,
@@ -46,6 +47,7 @@ from serve.errors import (
     Unauthorized,
 )
 from serve.events import EventBus
+from serve.http.server import CONTINUE_STATE_KEY
 from serve.providers.base import DeviceFlowProvider
 from serve.registry import DeviceFlowRegistry
 
@@ -273,6 +275,10 @@ class Gates:
             if error is not None:
                 await _send_error(scope, send, error)
                 return
+            # Passed: only now may a client waiting on `Expect: 100-continue` be told to send its body.
+            send_continue = scope.get("state", {}).get(CONTINUE_STATE_KEY)
+            if send_continue is not None and scope["type"] == "http":
+                await send_continue()
         await self._app(scope, receive, send)
 
     def check(self, scope: Scope) -> ServeError | None:
@@ -280,6 +286,12 @@ class Gates:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         is_http = scope["type"] == "http"
         method = scope.get("method", "GET") if is_http else "GET"
+        # SPEC §2 (+): gates and router must see one path. An absolute-form target (`GET http://host/p`)
+        # reaches us with the whole URI in `path` while Quart routes on its parsed path, and its authority
+        # would bypass the Host gate; an origin server need not accept it (RFC 9112 §3.2.2), so refuse it,
+        # and `*` (asterisk-form) with it.
+        if not scope.get("raw_path", b"/").startswith(b"/") or not scope["path"].startswith("/"):
+            return InvalidRequestTarget()
         path: str = scope["path"]
 
         hosts = _values(headers, b"host")
