@@ -8,6 +8,7 @@ configuration. stdout carries only what scripts read (the listening line); every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -175,36 +176,64 @@ def _announce_token(token: ResolvedToken) -> None:
         print(f"qwen-serve: bearer token from {origin}", file=sys.stderr)
 
 
+# SIGHUP is what a dropped SSH session sends, SIGQUIT what Ctrl-\\ sends: both stop as gracefully as SIGTERM.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 async def _serve(config: Config, *, token: bytes | None, workspace: Path, home: Path) -> int:
-    """Run the daemon until SIGINT or SIGTERM; print the listening line once bound."""
+    """Run the daemon until a stop signal; print the listening line once bound.
+
+    The first signal starts the graceful shutdown (SPEC §3); a second one exits at once, still with 0: the
+    user asked twice. Credential writes are atomic (temp file, fsync, rename), so the worst a second signal
+    leaves is a temp file, which the next start sweeps away.
+    """
     # Imported here: the client commands the CLI will grow must not load quart and hypercorn.
-    from serve.daemon import ListenError, run_daemon
+    from serve.daemon import ListenError, RunningDaemon, run_daemon
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        first = trio.Event()
 
-        async def first_signal() -> None:
+        async def watch_signals() -> None:
             async for signum in signals:
-                log.info("%s received: shutting down", signal.Signals(signum).name)
-                return
+                name = signal.Signals(signum).name
+                if not first.is_set():
+                    log.info("%s received: shutting down (send it again to exit at once)", name)
+                    first.set()
+                else:
+                    log.warning("%s received again: exiting now", name)
+                    _exit_now(0)
 
         async with trio.open_nursery() as nursery:
-            try:
-                daemon = await nursery.start(
-                    partial(
-                        run_daemon,
-                        config,
-                        token=token,
-                        workspace=workspace,
-                        qwen_home=home,
-                        shutdown_trigger=first_signal,
-                    )
+            nursery.start_soon(watch_signals)
+
+            async def run(*, task_status: trio.TaskStatus[RunningDaemon]) -> None:
+                await run_daemon(
+                    config,
+                    token=token,
+                    workspace=workspace,
+                    qwen_home=home,
+                    shutdown_trigger=first.wait,
+                    task_status=task_status,
                 )
+                nursery.cancel_scope.cancel()  # drained: stop watching signals
+
+            try:
+                daemon = await nursery.start(run)
             except ListenError as exc:
                 print(f"qwen-serve: {exc}", file=sys.stderr)
+                nursery.cancel_scope.cancel()
                 return 1
             # stdout is block-buffered when piped: flush, or whoever waits for this line hangs.
             print(f"qwen-serve listening on {daemon.url} (workspace={workspace})", flush=True)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """Leave the process at once: no graceful drain, no interpreter teardown (which waits on nothing useful)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 RUN_EPILOG = """\
@@ -228,8 +257,9 @@ default is in conf/serve.toml.
 
 output and exit codes:
   stdout gets exactly one line once bound: `qwen-serve listening on URL (workspace=DIR)`; logs and audit
-  lines go to stderr. Exit 0 after SIGINT/SIGTERM, 1 if the address cannot be bound, 2 for a bad flag,
-  configuration key or token file.
+  lines go to stderr. SIGINT, SIGTERM, SIGHUP and SIGQUIT stop gracefully (within 1 s, 5 s while a
+  credential write is in flight); a second one exits at once. Exit 0 after a signal, 1 if the address
+  cannot be bound, 2 for a bad flag, configuration key or token file.
 
 example:
   qwen-serve run --port 0 --workspace ~/src/project --config ~/.config/qwen-serve.toml
@@ -239,7 +269,7 @@ COMMANDS: list[Command] = [
     Command(
         name="run",
         help="run the daemon",
-        description="Serve the device-flow API for one workspace until SIGINT or SIGTERM.",
+        description="Serve the device-flow API for one workspace until SIGINT, SIGTERM, SIGHUP or SIGQUIT.",
         epilog=RUN_EPILOG,
         add_arguments=_add_run_arguments,
         run=_run,
