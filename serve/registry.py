@@ -17,10 +17,18 @@ credential writes; `dispose()` ends them all. The states of one provider's login
        ├── max_transient_failures transient faults in a row ──────► ERROR upstream_error
        ├── expired_token / the flow's deadline / the sweeper ─────► EXPIRED expired_token
        ├── cancel() / dispose() ──────────────────────────────────► CANCELLED
-       └── success ──► PERSISTING  (reads `pending`; cancel() deferred; shielded, ≤ persist_timeout_s)
-                          ├── write ok (even after a deferred cancel) ► AUTHORIZED
-                          ├── write failed or timed out, cancel deferred ► CANCELLED (first canceller)
-                          └── write failed or timed out ──────────────► ERROR persist_failed
+       │
+       │   While a token request is in flight (shielded, ≤ poll_timeout_s) or the credentials are being
+       │   written, the flow is busy: cancel(), dispose() and the flow's expiry wait for that step
+       │   (deferred; the first canceller is kept), because the IdP has spent the device code by then.
+       │
+       └── success ──► PERSISTING  (reads `pending`; shielded, ≤ persist_timeout_s)
+                          ├── write landed (even after a deferred cancel) ► AUTHORIZED
+                          ├── write failed or gave up on, cancel deferred ► CANCELLED (first canceller)
+                          └── write failed or gave up on ─────────────► ERROR persist_failed
+
+A write given up on (its bound passed) can no longer land: its `CommitGate` is abandoned, so the outcome
+the flow reports is what is on disk.
 
     AUTHORIZED | EXPIRED | ERROR | CANCELLED ── terminal_grace_s ──► gone (lookups 404, the sweeper evicts)
 
@@ -43,7 +51,7 @@ import trio
 from serve.audit import Audit
 from serve.clock import WallClock
 from serve.config import DeviceFlowConfig
-from serve.credentials import Credentials, CredentialStore
+from serve.credentials import CommitGate, Credentials, CredentialStore
 from serve.errors import (
     DeviceFlowNotFound,
     PersistError,
@@ -86,7 +94,7 @@ SHUTDOWN_HINT = "daemon shutting down"
 TRANSIENT_HINT = "the identity provider kept failing; start a new login later"
 POLLER_FAILED_HINT = "the device-flow poller failed unexpectedly"
 
-# SPEC §3: at shutdown a credential write in flight may finish, but within this bound.
+# SPEC §3: at shutdown a token request or credential write in flight may finish, but within this bound.
 SHUTDOWN_PERSIST_GRACE_S = 5.0
 # (+) SPEC §3: fresh IdP starts are counted over a sliding minute.
 START_RATE_WINDOW_S = 60.0
@@ -137,18 +145,36 @@ class _StartAttempt:
 
 @dataclass(eq=False, slots=True)
 class _Persist:
-    """One credential write. It runs in its own task so that it can outlive a flow that stopped waiting."""
+    """One credential write. It runs in its own task so that the flow's wait for it can be bounded."""
 
     credentials: Credentials
-    wait: trio.CancelScope  # the flow's shielded wait for the write; deadline: persist_timeout_s
     # The write's own shield, so a cancelled nursery never tears a file; dispose() lifts it after its grace.
     write_scope: trio.CancelScope = field(default_factory=lambda: trio.CancelScope(shield=True))
+    gate: CommitGate = field(default_factory=CommitGate)
     done: trio.Event = field(default_factory=trio.Event)  # the write returned (or raised)
     ok: bool = False
     detail: str = ""  # why the write failed: for the audit line only
-    abandoned: bool = False  # the flow stopped waiting; a write that still succeeds is audited
-    cancel_requested: bool = False  # a DELETE arrived meanwhile (deferred)
-    canceller: str | None = None  # the first one's client id
+
+    def landed(self) -> bool:
+        """Whether the credentials are (or are certain to be) on disk; gives up on a write still running.
+
+        Called once the flow stops waiting. A write not yet committing is abandoned and can no longer land;
+        one whose rename has begun counts as landed (its data is fsynced and a rename is atomic).
+        """
+        if self.done.is_set():
+            return self.ok
+        if self.gate.abandon():
+            self.detail = "the write did not finish in time"
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class _DeferredCancel:
+    """A cancel that arrived while the flow was busy: applied when the busy step ends without success."""
+
+    canceller: str | None  # the first canceller's client id (None: anonymous, or dispose())
+    hint: str | None
 
 
 @dataclass(eq=False, slots=True)
@@ -173,7 +199,15 @@ class _Flow:
     hint: str | None = None
     last_polled_at: float | None = None
     ended_at: float | None = None
+    # Busy: the shielded scope of the token request in flight, or of the wait for the credential write.
+    busy: trio.CancelScope | None = None
     persist: _Persist | None = None
+    deferred_cancel: _DeferredCancel | None = None
+    ended: trio.Event = field(default_factory=trio.Event)
+
+    def defer_cancel(self, canceller: str | None, hint: str | None) -> None:
+        if self.deferred_cancel is None:  # SPEC §3: the first canceller is the one recorded
+            self.deferred_cancel = _DeferredCancel(canceller, hint)
 
 
 class DeviceFlowRegistry:
@@ -206,6 +240,7 @@ class DeviceFlowRegistry:
         self._writes: set[_Persist] = set()  # credential writes still running
         self._nursery: trio.Nursery | None = None
         self._shutting_down = False
+        self._dispose_deadline = math.inf  # busy steps end by then once dispose() has begun
         self._stopped = trio.Event()
 
     # --- lifetime -------------------------------------------------------------------------------------
@@ -225,22 +260,32 @@ class DeviceFlowRegistry:
             self._stopped.set()
 
     async def dispose(self) -> None:
-        """Shut down (SPEC §3): pending flows end `cancelled` (their events published), new starts get
-        `ShuttingDown`, a credential write in flight finishes within 5 s, then the nursery is cancelled.
+        """Shut down (SPEC §3): mark, cancel, wait. New starts get `ShuttingDown`; pending flows end
+        `cancelled` (their events published), except that a token request or credential write in flight
+        finishes first, within 5 s; then the nursery is cancelled.
 
         Returns once `run()` has returned. Safe to call more than once.
         """
         self._shutting_down = True
-        deadline = self._clock.now() + SHUTDOWN_PERSIST_GRACE_S
+        deadline = min(self._dispose_deadline, self._clock.now() + SHUTDOWN_PERSIST_GRACE_S)
+        self._dispose_deadline = deadline
         for attempt in list(self._starting.values()):
             attempt.scope.cancel()
+        busy: list[_Flow] = []
         for flow in list(self._pending.values()):
-            if flow.persist is not None:
-                flow.persist.wait.deadline = min(flow.persist.wait.deadline, deadline)
+            if flow.busy is not None:
+                # An approval may be arriving (the device code is spent): let the step end, within the grace.
+                # A poll that ends without success then ends cancelled; a write decides by itself.
+                if flow.persist is None:
+                    flow.defer_cancel(None, SHUTDOWN_HINT)
+                flow.busy.deadline = min(flow.busy.deadline, deadline)
+                busy.append(flow)
             else:
                 self.transition_terminal(flow, FlowStatus.CANCELLED, hint=SHUTDOWN_HINT)
         # A torn or lost credential file is worse than a slower exit: let writes finish, within the grace.
         with trio.move_on_at(deadline):
+            for flow in busy:
+                await flow.ended.wait()
             for persist in list(self._writes):
                 await persist.done.wait()
         for persist in self._writes:
@@ -298,18 +343,15 @@ class DeviceFlowRegistry:
     def cancel(self, device_flow_id: str, client_id: str | None) -> None:
         """Cancel a pending flow; a no-op on a terminal one. Raises `DeviceFlowNotFound`.
 
-        During a credential write the cancel is deferred: the write decides (SPEC §3).
+        During a token request or a credential write the cancel is deferred: that step decides (SPEC §3).
         """
         flow = self._lookup(device_flow_id)
         if flow.status is not FlowStatus.PENDING:
             return
-        persist = flow.persist
-        if persist is not None:
-            # SPEC §3: the user already approved and the device code is spent, so a successful write
-            # wins; if the write fails the flow ends cancelled, credited to the first canceller.
-            if not persist.cancel_requested:
-                persist.cancel_requested = True
-                persist.canceller = client_id
+        if flow.busy is not None:
+            # SPEC §3: the IdP may be granting right now, and the device code is then spent, so an
+            # approval wins; otherwise the flow ends cancelled, credited to the first canceller.
+            flow.defer_cancel(client_id, None)
             return
         self.transition_terminal(flow, FlowStatus.CANCELLED, canceller=client_id)
 
@@ -351,6 +393,7 @@ class DeviceFlowRegistry:
         if self._pending.get(flow.provider_id) is flow:
             del self._pending[flow.provider_id]
         flow.scope.cancel()
+        flow.ended.set()
 
         event: AuthEvent
         originator = flow.initiator_client_id
@@ -517,14 +560,15 @@ class DeviceFlowRegistry:
             if authorization is None:
                 return
             flow.last_polled_at = self._clock.now()
-            # SPEC §3: a poll tick that hits its bound is a transient fault, like a connection error.
-            result: PollResult = PollTransient("poll tick timed out")
-            with trio.move_on_after(config.poll_timeout_s):
-                result = await flow.provider.poll(authorization)
+            result = await self._poll_once(flow, authorization)
             if flow.status is not FlowStatus.PENDING:
-                # Ended (cancel, sweeper) while the reply was on its way; the reply is moot.
+                # Ended while the reply was on its way (a provider that ignored its bound); the reply is moot.
                 if isinstance(result, PollSuccess):
                     self._audit_lost_success(flow, "lost_success", "tokens issued after the flow ended were discarded")
+                return
+            deferred = flow.deferred_cancel
+            if deferred is not None and not isinstance(result, PollSuccess):
+                self.transition_terminal(flow, FlowStatus.CANCELLED, canceller=deferred.canceller, hint=deferred.hint)
                 return
             match result:
                 case PollPending():
@@ -559,29 +603,49 @@ class DeviceFlowRegistry:
                     await self._persist(flow, credentials)
                     return
 
+    def _busy_scope(self, timeout_s: float) -> trio.CancelScope:
+        """The shield of a step that must not be cut short (an approval may be arriving), with its bound.
+
+        Neither the flow's expiry, a DELETE nor a cancelled nursery interrupts it; only its own deadline
+        does (a shielded scope still catches its own deadline), so every flow settles.
+        """
+        return trio.CancelScope(shield=True, deadline=min(self._clock.now() + timeout_s, self._dispose_deadline))
+
+    async def _poll_once(self, flow: _Flow, authorization: DeviceAuthorization) -> PollResult:
+        """One token request, shielded and bounded by poll_timeout_s (SPEC §3 (+): treated like persist)."""
+        # SPEC §3: a poll tick that hits its bound is a transient fault, like a connection error.
+        result: PollResult = PollTransient("poll tick timed out")
+        flow.busy = self._busy_scope(self._config.poll_timeout_s)
+        try:
+            with flow.busy:
+                result = await flow.provider.poll(authorization)
+        finally:
+            flow.busy = None
+        return result
+
     # --- persisting -----------------------------------------------------------------------------------
 
     async def _persist(self, flow: _Flow, credentials: Credentials) -> None:
-        """Write the credentials, then end the flow by what the write did (SPEC §3: disk first)."""
+        """Write the credentials, then end the flow by what is on disk (SPEC §3: disk first)."""
         # The device code is single-use and now spent: forget it and the verifier before waiting on disk.
         flow.authorization = None
-        wait = trio.CancelScope(shield=True, deadline=self._clock.now() + self._config.persist_timeout_s)
-        persist = _Persist(credentials, wait)
+        persist = _Persist(credentials)
         flow.persist = persist
         self._writes.add(persist)
-        self._require_nursery().start_soon(self._write, flow, persist)
-        # Shielded: neither the flow's expiry, a DELETE nor a cancelled nursery cuts this wait short; only
-        # its own deadline does (persist_timeout_s, or dispose()'s grace), and a shielded scope still
-        # catches its own deadline, so the flow always settles.
-        with wait:
-            await persist.done.wait()
+        self._require_nursery().start_soon(self._write, persist)
+        flow.busy = self._busy_scope(self._config.persist_timeout_s)
+        try:
+            with flow.busy:
+                await persist.done.wait()
+        finally:
+            flow.busy = None
         self._settle(flow, persist)
 
-    async def _write(self, flow: _Flow, persist: _Persist) -> None:
-        """The store call, in its own task: a write that outlives the flow's wait still lands and is audited."""
+    async def _write(self, persist: _Persist) -> None:
+        """The store call, in its own task, so that the flow's wait for it can be bounded."""
         with persist.write_scope:
             try:
-                await self._store.save(persist.credentials)
+                await self._store.save(persist.credentials, gate=persist.gate)
                 persist.ok = True
             except PersistError as exc:
                 persist.detail = exc.detail
@@ -591,29 +655,21 @@ class DeviceFlowRegistry:
             finally:
                 self._writes.discard(persist)
         persist.done.set()
-        if persist.abandoned and persist.ok:
-            self._audit_lost_success(
-                flow,
-                "lost_success_after_timeout",
-                f"credentials were written after the persist timeout; the flow had ended {flow.status.value}",
-            )
 
     def _settle(self, flow: _Flow, persist: _Persist) -> None:
-        """End a persisting flow by the write's outcome, or by its absence once the wait is over."""
-        if persist.done.is_set() and persist.ok:
+        """End a persisting flow by what is on disk once the wait is over."""
+        if persist.landed():
             # SPEC §3: authorized wins over a deferred cancel.
             self.transition_terminal(flow, FlowStatus.AUTHORIZED, credentials=persist.credentials)
             return
-        if persist.done.is_set():
-            detail = persist.detail
-        else:
-            persist.abandoned = True
-            detail = "the write did not finish in time"
-        if persist.cancel_requested:
+        detail = persist.detail
+        deferred = flow.deferred_cancel
+        if deferred is not None:
             self.transition_terminal(
                 flow,
                 FlowStatus.CANCELLED,
-                canceller=persist.canceller,
+                canceller=deferred.canceller,
+                hint=deferred.hint,
                 audit_hint=f"cancelled during persist; credentials not written ({detail})",
             )
         else:
@@ -647,8 +703,8 @@ class DeviceFlowRegistry:
         now = self._clock.now()
         for flow in list(self._flows.values()):
             if flow.status is FlowStatus.PENDING:
-                # A backstop to the poller's own deadline; a flow writing its credentials is left alone.
-                if flow.persist is None and now >= flow.deadline:
+                # A backstop to the poller's own deadline; a busy flow settles by itself.
+                if flow.busy is None and now >= flow.deadline:
                     self.transition_terminal(flow, FlowStatus.EXPIRED, hint=EXPIRED_HINT)
             elif self._past_grace(flow, now):
                 del self._flows[flow.device_flow_id]

@@ -17,7 +17,7 @@ import trio
 from serve.audit import Audit
 from serve.clock import WallClock
 from serve.config import DeviceFlowConfig
-from serve.credentials import Credentials
+from serve.credentials import CommitGate, Credentials
 from serve.errors import PersistError
 from serve.events import EventBus
 from serve.models import AuthEvent, CredentialSummary, Envelope
@@ -172,7 +172,7 @@ class FakeStore:
         self.save_started: list[float] = []
         self.save_finished: list[float] = []
 
-    async def save(self, credentials: Credentials) -> None:
+    async def save(self, credentials: Credentials, *, gate: CommitGate | None = None) -> None:
         self.save_started.append(trio.current_time())
         if math.isinf(self.delay):
             await trio.sleep_forever()
@@ -180,6 +180,9 @@ class FakeStore:
         self.save_finished.append(trio.current_time())
         if self.error is not None:
             raise self.error
+        # As the real store: the file is replaced only if the caller has not given up on the write.
+        if gate is not None and not gate.begin_commit():
+            raise PersistError("abandoned")
         self.saved.append(credentials)
 
     def summary(self, file_name: str) -> CredentialSummary | None:

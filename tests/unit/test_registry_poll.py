@@ -12,7 +12,6 @@ from fakes import (
     EPOCH_MS,
     Delayed,
     FakeProvider,
-    Gated,
     Hang,
     Harness,
     Raise,
@@ -32,7 +31,7 @@ from serve.models import (
     FlowThrottled,
 )
 from serve.providers.base import PollFailed, PollPending, PollSlowDown, PollTransient
-from serve.registry import EXPIRED_HINT, POLLER_FAILED_HINT, TRANSIENT_HINT
+from serve.registry import EXPIRED_HINT, POLLER_FAILED_HINT, SHUTDOWN_HINT, TRANSIENT_HINT
 
 TERMINAL_EVENTS = (FlowAuthorized, FlowFailed, FlowCancelled)
 
@@ -194,12 +193,28 @@ async def test_the_flows_deadline_expires_it_even_with_the_sweeper_far_away(auto
         assert h.audit[-1].endswith(f'status=expired errorKind=expired_token hint="{EXPIRED_HINT}"')
 
 
-async def test_the_deadline_cuts_a_poll_in_flight(autojump_clock: MockClock) -> None:
+async def test_the_deadline_waits_for_a_poll_in_flight_and_an_approval_wins(autojump_clock: MockClock) -> None:
+    # Issue 8: the IdP spends the device code when it grants; cutting the request would lose the approval.
     provider = FakeProvider(authorization=make_authorization(expires_in=30), polls=[Delayed(100, success())])
     async with open_registry(provider, poll_timeout_s=300) as h:
         flow_id = await start(h)
+        await trio.sleep(50)
+        assert h.registry.get(flow_id).status is FlowStatus.PENDING  # past its expiry, the request in flight
+        await trio.sleep(150)
+        assert h.registry.get(flow_id).status is FlowStatus.AUTHORIZED
+        assert h.store.save_started == [105]
+        assert [type(e) for e in terminal_events(h)] == [FlowAuthorized]
+
+
+async def test_a_poll_in_flight_at_the_deadline_that_is_still_pending_ends_expired(autojump_clock: MockClock) -> None:
+    provider = FakeProvider(authorization=make_authorization(expires_in=30), polls=[Delayed(100, PollPending())])
+    async with open_registry(provider, poll_timeout_s=300) as h:
+        flow_id = await start(h)
         await trio.sleep(200)
-        assert h.registry.get(flow_id).status is FlowStatus.EXPIRED
+        view = h.registry.get(flow_id)
+        assert (view.status, view.error_kind) == (FlowStatus.EXPIRED, ErrorKind.EXPIRED_TOKEN)
+        [event] = terminal_events(h)
+        assert isinstance(event, FlowFailed)
         assert h.store.save_started == []
 
 
@@ -260,23 +275,67 @@ async def test_a_cancel_at_the_instant_a_success_arrives_makes_one_terminal_even
             assert len(h.store.saved) == 1
 
 
-async def test_tokens_that_arrive_after_a_cancel_are_dropped_and_audited(autojump_clock: MockClock) -> None:
-    gate = trio.Event()
-    provider = FakeProvider(polls=[Gated(gate, success())])
+async def test_a_cancel_during_a_granting_poll_waits_for_it_and_the_approval_wins(autojump_clock: MockClock) -> None:
+    # Issue 8: a DELETE while the token request is in flight used to end the flow cancelled although the
+    # IdP had granted (device code spent, refresh token orphaned at the IdP).
+    provider = FakeProvider(polls=[Delayed(0.5, success())])
     async with open_registry(provider) as h:
         flow_id = await start(h)
-        await trio.sleep(6)
-        # The reply is delivered and the flow cancelled before the poller runs again: no checkpoint between.
-        gate.set()
+        await trio.sleep(5.25)  # the poll went out at t=5; its reply comes at t=5.5
         h.registry.cancel(flow_id, "cli-B")
-        await trio.sleep(10)
+        assert h.registry.get(flow_id).status is FlowStatus.PENDING
+        await trio.sleep(1)
 
-        assert terminal_events(h) == [FlowCancelled(flow_id)]
-        assert h.store.save_started == []
-        assert h.audit[-1] == (
-            f"[serve] auth.device-flow: provider=fake deviceFlowId={flow_id[:8]}... clientId=- "
-            'status=lost_success hint="tokens issued after the flow ended were discarded"'
-        )
+        assert h.registry.get(flow_id).status is FlowStatus.AUTHORIZED
+        assert [type(e) for e in terminal_events(h)] == [FlowAuthorized]
+        assert len(h.store.saved) == 1
+        assert not any("lost_success" in line for line in h.audit)
+
+
+async def test_a_cancel_during_a_poll_that_is_still_pending_ends_cancelled_by_the_first_canceller(
+    autojump_clock: MockClock,
+) -> None:
+    provider = FakeProvider(polls=[Delayed(2, PollPending())])
+    async with open_registry(provider) as h:
+        flow_id = await start(h)
+        await trio.sleep(5.5)
+        h.registry.cancel(flow_id, "cli-B")
+        h.registry.cancel(flow_id, "cli-C")
+        await trio.sleep(1)
+        assert h.registry.get(flow_id).status is FlowStatus.PENDING
+        await trio.sleep(1)
+
+        view = h.registry.get(flow_id)
+        assert (view.status, view.hint) == (FlowStatus.CANCELLED, None)
+        [envelope] = [e for e in h.bus.envelopes if isinstance(e.event, FlowCancelled)]
+        assert envelope.originator_client_id == "cli-B"
+        assert envelope.server_timestamp_ms == EPOCH_MS + 7_000
+        assert provider.poll_times == [5]
+
+
+async def test_dispose_waits_for_a_granting_poll_and_keeps_the_login(autojump_clock: MockClock) -> None:
+    provider = FakeProvider(polls=[Delayed(2, success())])
+    async with open_registry(provider) as h:
+        flow_id = await start(h)
+        await trio.sleep(5.5)
+        await h.registry.dispose()
+
+        assert trio.current_time() == 7
+        assert h.registry.get(flow_id).status is FlowStatus.AUTHORIZED
+        assert len(h.store.saved) == 1
+
+
+async def test_dispose_bounds_a_hung_poll_by_its_grace_and_ends_the_flow_cancelled(autojump_clock: MockClock) -> None:
+    provider = FakeProvider(polls=[Hang()])
+    async with open_registry(provider, poll_timeout_s=300) as h:
+        flow_id = await start(h)
+        await trio.sleep(6)
+        await h.registry.dispose()
+
+        assert trio.current_time() == 11  # SPEC §3: at most 5 s past dispose()
+        view = h.registry.get(flow_id)
+        assert (view.status, view.hint) == (FlowStatus.CANCELLED, SHUTDOWN_HINT)
+        assert [type(e) for e in terminal_events(h)] == [FlowCancelled]
 
 
 async def test_cancel_ends_a_pending_flow_once_and_stops_its_poller(autojump_clock: MockClock) -> None:
