@@ -1,8 +1,10 @@
 """Credential files under `$QWEN_HOME`: atomic 0600 writes on a worker thread, and a cache of summaries.
 
-A write (SPEC §5): the directory is made 0700, a temp file is created 0600 (`O_EXCL`) beside the target,
-written, fsynced, renamed over the target with `os.replace`, and the directory is fsynced. A crash leaves
-the old file or the new one, never a torn one; a failed write removes its temp file.
+A write (SPEC §5) is `serve.private_files.write_private`: the directory is made 0700, a temp file is
+created 0600 (`O_EXCL | O_NOFOLLOW`) beside the target, written, fsynced, renamed over the target with
+`os.replace`, and the directory is fsynced. A crash leaves the old file or the new one, never a torn one; a
+failed write removes its temp file, and `load()` sweeps the ones a killed daemon left. A symlinked directory
+below `$QWEN_HOME` (`device-flow/`) is refused, never written through; `$QWEN_HOME` itself may be a symlink.
 
 The status snapshot reads summaries from memory only. The cache is filled by `load()` at start and kept
 fresh by `run()`, which stats the watched files on a worker thread once per `refresh_interval_s` (1 s) and
@@ -12,61 +14,28 @@ refreshes its token.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
+import logging
 import math
 import os
-import secrets
 import stat
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import trio
 
-from serve.credentials import Credentials
+from serve.credentials import CommitGate, Credentials
 from serve.errors import PersistError
 from serve.models import CredentialSummary
+from serve.private_files import CommitAbandoned, home_problem, sweep_temp_files, write_private
+from serve.private_files import FileSystem as FileSystem  # re-exported: tests build stores on a failing one
 
-DIR_MODE = 0o700
-FILE_MODE = 0o600
+log = logging.getLogger("serve.store")
 _MAX_READ_BYTES = 1 << 20
 _Signature = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
 _MISSING: _Signature = (-1, -1, -1)
-
-
-class FileSystem:
-    """The OS calls the writer makes, one method each, so a test can make any of them fail with an errno
-    (CI runs as root, where `chmod` cannot make a write fail)."""
-
-    def mkdir(self, path: str, mode: int) -> None:
-        os.mkdir(path, mode)
-
-    def chmod(self, path: str, mode: int) -> None:
-        os.chmod(path, mode)
-
-    def open(self, path: str, flags: int, mode: int = 0o777) -> int:
-        return os.open(path, flags, mode)
-
-    def fchmod(self, fd: int, mode: int) -> None:
-        os.fchmod(fd, mode)
-
-    def write(self, fd: int, data: bytes) -> int:
-        return os.write(fd, data)
-
-    def fsync(self, fd: int) -> None:
-        os.fsync(fd)
-
-    def close(self, fd: int) -> None:
-        os.close(fd)
-
-    def replace(self, src: str, dst: str) -> None:
-        os.replace(src, dst)
-
-    def unlink(self, path: str) -> None:
-        os.unlink(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,79 +85,35 @@ class FileCredentialStore:
 
     # --- writing ------------------------------------------------------------------------------------
 
-    async def save(self, credentials: Credentials) -> None:
+    async def save(self, credentials: Credentials, *, gate: CommitGate | None = None) -> None:
         """Write the document atomically (0600 file, 0700 directory), then update the cache.
 
-        Raises `PersistError` whose `detail` is the errno name (`ENOSPC`, `EACCES`, ...); the old file,
+        With a `gate`, the writer thread calls `gate.begin_commit()` just before the rename and replaces the
+        file only if it returns True. Raises `PersistError` whose `detail` is the errno name (`ENOSPC`,
+        `EACCES`, `ELOOP` for a symlinked directory, ...) or `abandoned` (the gate said no); the old file,
         if any, is left intact and no temp file remains.
         """
-        path = self.path_of(credentials.file_name)
+        self.path_of(credentials.file_name)  # a name outside QWEN_HOME is a bug: ValueError, not PersistError
         try:
             data = json.dumps(credentials.document.reveal(), indent=2, ensure_ascii=False).encode("utf-8")
         except (TypeError, ValueError) as exc:
             raise PersistError("unserializable document") from exc
         async with self._lock:
             try:
-                signature, mtime_ns = await trio.to_thread.run_sync(self._write, path, data, abandon_on_cancel=True)
+                info = await trio.to_thread.run_sync(
+                    self._write, credentials.file_name, data, gate, abandon_on_cancel=True
+                )
+            except CommitAbandoned as exc:
+                raise PersistError("abandoned") from exc
             except OSError as exc:
                 raise PersistError(errno.errorcode.get(exc.errno or 0, "OSError")) from exc
-            summary = _summarize(credentials.document.reveal(), mtime_ns)
-            self._entries[credentials.file_name] = _Entry(signature, summary)
+            summary = _summarize(credentials.document.reveal(), info.st_mtime_ns)
+            self._entries[credentials.file_name] = _Entry(_signature(info), summary)
 
-    def _write(self, path: Path, data: bytes) -> tuple[_Signature | None, int]:
-        """On a worker thread: the atomic write. Returns the new file's signature and mtime."""
-        fs = self._fs
-        directory = path.parent
-        self._ensure_dir(directory)
-        temp = str(directory / f".{path.name}.{secrets.token_hex(8)}.tmp")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-        fd = fs.open(temp, flags, FILE_MODE)
-        replaced = False
-        try:
-            try:
-                fs.fchmod(fd, FILE_MODE)  # the umask may have narrowed the mode; make it exactly 0600
-                view = memoryview(data)
-                while view:
-                    view = view[fs.write(fd, bytes(view)) :]
-                fs.fsync(fd)
-            finally:
-                fs.close(fd)
-            fs.replace(temp, str(path))
-            replaced = True
-        finally:
-            if not replaced:
-                with contextlib.suppress(OSError):
-                    fs.unlink(temp)
-        self._fsync_dir(directory)
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None, time.time_ns()
-        return (st.st_mtime_ns, st.st_size, st.st_ino), st.st_mtime_ns
-
-    def _ensure_dir(self, directory: Path) -> None:
-        """Create missing directories 0700 (parents too: `os.makedirs` ignores `mode` for them), then
-        make the file's own directory 0700 even when it already existed."""
-        missing: list[Path] = []
-        for candidate in (directory, *directory.parents):
-            if candidate.is_dir():
-                break
-            missing.append(candidate)
-        for candidate in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                self._fs.mkdir(str(candidate), DIR_MODE)
-        self._fs.chmod(str(directory), DIR_MODE)
-
-    def _fsync_dir(self, directory: Path) -> None:
-        """Make the rename durable. Filesystems that cannot fsync a directory (EINVAL) are tolerated."""
-        fd = self._fs.open(str(directory), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            self._fs.fsync(fd)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-        finally:
-            self._fs.close(fd)
+    def _write(self, file_name: str, data: bytes, gate: CommitGate | None) -> os.stat_result:
+        """On a worker thread: the atomic write. Returns the new file's stat."""
+        commit = gate.begin_commit if gate is not None else None
+        return write_private(self._home, file_name, data, fs=self._fs, commit=commit)
 
     # --- reading ------------------------------------------------------------------------------------
 
@@ -198,11 +123,26 @@ class FileCredentialStore:
         return entry.summary if entry is not None else None
 
     async def load(self, file_names: Iterable[str]) -> None:
-        """Watch these files and read them now (on a worker thread); call once at start."""
-        for name in file_names:
+        """Watch these files and read them now (on a worker thread); call once at start.
+
+        Also, on that thread: warns when `$QWEN_HOME` is writable by others or not the user's, and removes
+        the temp files a killed writer left beside the watched files (they hold whole tokens).
+        """
+        names = list(file_names)
+        for name in names:
             self.path_of(name)  # reject a bad name here, not at every refresh
             self._entries.setdefault(name, _Entry(None, None))
+        await trio.to_thread.run_sync(self._prepare, names)
         await self.refresh()
+
+    def _prepare(self, file_names: list[str]) -> None:
+        """On a worker thread: the start-up checks of `load()`. Logs paths and counts, never contents."""
+        problem = home_problem(self._home)
+        if problem is not None:
+            log.warning("credentials directory QWEN_HOME %s; other users could replace credential files", problem)
+        removed = sweep_temp_files(self._home, file_names)
+        if removed:
+            log.info("removed %d stale credential temp file(s) under %s", removed, self._home)
 
     async def refresh(self) -> None:
         """Stat every watched file on a worker thread; re-read those whose mtime, size or inode changed."""
@@ -246,11 +186,15 @@ class FileCredentialStore:
             except OSError:
                 changes[name] = (None, _UNREADABLE)
                 continue
-            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+            signature = _signature(st)
             if signature == old:
                 continue
             changes[name] = (signature, _read_summary(path, st))
         return changes
+
+
+def _signature(st: os.stat_result) -> _Signature:
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _read_summary(path: Path, st: os.stat_result) -> CredentialSummary | _Unreadable:

@@ -3,10 +3,16 @@
 First that is set wins: `--token`, env `QWEN_SERVER_TOKEN` (empty counts as unset), `--token-file` /
 `server.token_file`; with none, `$QWEN_HOME/serve/token` is reused when it has mode 0600, else a fresh token
 is written there (directory 0700, file 0600). `--no-token` runs token-less, on loopback binds only.
+
+The user's token file is refused as OpenSSH's StrictModes refuses a key: readable by others, or in a
+directory others may write. The daemon's own file is read and written by `serve.private_files`, so a
+symlinked `$QWEN_HOME/serve` is refused rather than followed (`$QWEN_HOME` itself may be a symlink), and
+the temp files a killed write left there are removed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import stat
@@ -17,8 +23,19 @@ from typing import Literal
 
 from serve.config import is_loopback_host
 from serve.errors import ConfigError
+from serve.private_files import (
+    SymlinkedDirectory,
+    home_problem,
+    read_private,
+    sweep_temp_files,
+    unsafe_path_problem,
+    write_private,
+)
 
+log = logging.getLogger("serve.token")
 TOKEN_ENV = "QWEN_SERVER_TOKEN"
+_TOKEN_FILE = "serve/token"  # below $QWEN_HOME
+_KEY = "server.token_file"
 TokenSource = Literal["flag", "env", "file", "reused", "generated", "none"]
 
 
@@ -41,7 +58,7 @@ def qwen_home(env: Mapping[str, str]) -> Path:
 
 
 def default_token_path(home: Path) -> Path:
-    return home / "serve" / "token"
+    return home.joinpath(*_TOKEN_FILE.split("/"))
 
 
 def resolve_token(
@@ -55,8 +72,10 @@ def resolve_token(
 ) -> ResolvedToken:
     """Pick the token by SPEC §1's precedence; may create `$QWEN_HOME/serve/token`.
 
-    Raises `ConfigError` (exit 2) for `--no-token` on a non-loopback host, an empty `--token`, and a token
-    file that is missing, empty, or readable or writable by group or others.
+    Raises `ConfigError` (exit 2) for `--no-token` on a non-loopback host, an empty `--token`, a token
+    file that is missing, empty, readable or writable by group or others, or in a directory others may
+    write (`read_token_file`), and a default token file that cannot be read or written or sits in a
+    symlinked directory.
     """
     if no_token:
         if not is_loopback_host(host):
@@ -72,12 +91,16 @@ def resolve_token(
     if token_file is not None:
         path = Path(token_file).expanduser().absolute()
         return ResolvedToken(read_token_file(path), "file", path)
-    return _reuse_or_generate(default_token_path(home))
+    return _reuse_or_generate(home)
 
 
 def read_token_file(path: Path) -> bytes:
-    """The token in a file the user named; refused, as ssh refuses a key, if others may read or change it."""
-    key = "server.token_file"
+    """The token in a file the user named; refused, as ssh refuses a key, if others may read or change it.
+
+    Others may change it when they own it or a directory above it, or may write to such a directory (a
+    root-owned sticky one like `/tmp` excepted): see `serve.private_files.unsafe_path_problem`.
+    """
+    key = _KEY
     try:
         info = path.stat()
     except OSError as exc:
@@ -88,6 +111,12 @@ def read_token_file(path: Path) -> bytes:
     if mode & 0o077:
         raise ConfigError(key, f"{path} is accessible by group or others (mode {mode:04o}); chmod 600 it")
     try:
+        problem = unsafe_path_problem(path)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot check the directories above {path} ({exc.strerror})") from exc
+    if problem is not None:
+        raise ConfigError(key, f"{problem}; others could replace the token")
+    try:
         token = path.read_bytes().strip()
     except OSError as exc:
         raise ConfigError(key, f"cannot read {path} ({exc.strerror})") from exc
@@ -96,41 +125,32 @@ def read_token_file(path: Path) -> bytes:
     return token
 
 
-def _reuse_or_generate(path: Path) -> ResolvedToken:
+def _reuse_or_generate(home: Path) -> ResolvedToken:
     """Reuse the daemon's own token file if only its owner can use it; else write a new one in its place."""
+    path = default_token_path(home)
+    problem = home_problem(home)
+    if problem is not None:
+        log.warning("QWEN_HOME %s; other users could replace the bearer token", problem)
+    removed = sweep_temp_files(home, [_TOKEN_FILE])
+    if removed:
+        log.info("removed %d stale token temp file(s) in %s", removed, path.parent)
     try:
-        info = path.lstat()
-    except FileNotFoundError:
-        info = None
-    if info is not None and stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600:
-        token = path.read_bytes().strip() if info.st_uid == os.getuid() else b""
+        found = read_private(home, _TOKEN_FILE)
+    except SymlinkedDirectory as exc:
+        raise ConfigError(_KEY, f"refusing {path}: {exc.filename} is a symlinked directory") from exc
+    except OSError as exc:
+        raise ConfigError(_KEY, f"cannot read {path} ({exc.strerror})") from exc
+    if found is not None:
+        info, data = found
+        owned = info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o600
+        token = data.strip() if owned else b""
         if token:
             return ResolvedToken(token, "reused", path)
     token = secrets.token_urlsafe(32).encode()
     try:
-        _write_private(path, token)
+        write_private(home, _TOKEN_FILE, token + b"\n")
+    except SymlinkedDirectory as exc:
+        raise ConfigError(_KEY, f"refusing {path}: {exc.filename} is a symlinked directory") from exc
     except OSError as exc:
-        raise ConfigError("server.token_file", f"cannot write a token to {path} ({exc.strerror})") from exc
+        raise ConfigError(_KEY, f"cannot write a token to {path} ({exc.strerror})") from exc
     return ResolvedToken(token, "generated", path)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` atomically with mode 0600, in a directory made (or tightened to) 0700."""
-    # Every directory we create is 0700, $QWEN_HOME included (`parents=True` would make those 0755).
-    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-    for directory in reversed(missing):
-        directory.mkdir(mode=0o700, exist_ok=True)
-    path.parent.chmod(0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    written = False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        written = True
-    finally:
-        if not written:
-            tmp.unlink(missing_ok=True)

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 import trio
 
-from serve.credentials import Credentials
+from serve.credentials import CommitGate, Credentials
 from serve.errors import PersistError
 from serve.models import CredentialSummary
 from serve.secrets import Secret
@@ -47,6 +48,33 @@ def failing(method: str, code: int) -> FileSystem:
 
     setattr(fs, method, fail)
     return fs
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def records() -> Iterator[list[logging.LogRecord]]:
+    """What `serve.store` logs at INFO and above (attached to the logger: the CLI may stop propagation)."""
+    logger, handler = logging.getLogger("serve.store"), Capture()
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def messages(records: list[logging.LogRecord], level: int) -> list[str]:
+    return [record.getMessage() for record in records if record.levelno == level]
 
 
 # --- writes -----------------------------------------------------------------------------------------
@@ -120,7 +148,7 @@ async def test_the_write_order_is_temp_fsync_replace_dir_fsync(tmp_path: Path) -
         def open(self, path: str, flags: int, mode: int = 0o777) -> int:
             kind = "dir" if flags & os.O_CREAT == 0 else "temp"
             calls.append(f"open {kind} {oct(mode) if kind == 'temp' else ''}".strip())
-            assert kind == "dir" or flags & os.O_EXCL
+            assert kind == "dir" or (flags & os.O_EXCL and flags & os.O_NOFOLLOW and flags & os.O_CLOEXEC)
             return super().open(path, flags, mode)
 
         def fsync(self, fd: int) -> None:
@@ -133,7 +161,8 @@ async def test_the_write_order_is_temp_fsync_replace_dir_fsync(tmp_path: Path) -
             super().replace(src, dst)
 
     await FileCredentialStore(tmp_path, fs=Recording()).save(creds())
-    assert calls == ["open temp 0o600", "fsync file", "replace", "open dir", "fsync dir"]
+    # The directory is opened first and its descriptor serves the temp file, the rename and the fsync.
+    assert calls == ["open dir", "open temp 0o600", "fsync file", "replace", "fsync dir"]
 
 
 # --- failures ---------------------------------------------------------------------------------------
@@ -144,7 +173,7 @@ async def test_the_write_order_is_temp_fsync_replace_dir_fsync(tmp_path: Path) -
     [
         ("mkdir", errno.EACCES, "EACCES"),
         ("mkdir", errno.EROFS, "EROFS"),
-        ("chmod", errno.EPERM, "EPERM"),
+        ("fchmod", errno.EPERM, "EPERM"),
         ("open", errno.EACCES, "EACCES"),
         ("open", errno.EROFS, "EROFS"),
         ("open", errno.EDQUOT, "EDQUOT"),
@@ -197,11 +226,12 @@ async def test_a_crash_between_temp_file_and_replace_leaves_the_old_file_intact(
     assert temp.startswith(".oauth_creds.json.")
     assert mode(tmp_path / temp) == 0o600
     assert json.loads((tmp_path / temp).read_text())["expiry_date"] == 2  # complete: only the rename was lost
-    # A later store does not mistake the leftover for the credentials.
+    # A later store does not mistake the leftover for the credentials, and removes it: it holds a token.
     store = FileCredentialStore(tmp_path)
     await store.load(["oauth_creds.json"])
     summary = store.summary("oauth_creds.json")
     assert summary is not None and summary.expires_at_ms == 1
+    assert leftovers(tmp_path) == []
 
 
 async def test_an_unserializable_document_is_persist_error_without_touching_disk(tmp_path: Path) -> None:
@@ -368,3 +398,176 @@ async def test_a_cancelled_save_abandons_the_wait_not_the_write(tmp_path: Path) 
             await trio.sleep(0.01)
     assert summary is not None and summary.expires_at_ms == 9  # the write still landed, whole
     assert json.loads((tmp_path / "oauth_creds.json").read_text())["expiry_date"] == 9
+
+
+# --- symlinked directories --------------------------------------------------------------------------
+
+
+async def test_a_symlinked_device_flow_directory_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    target.chmod(0o755)
+    (home / "device-flow").symlink_to(target)
+    store = FileCredentialStore(home)
+    await store.load(["device-flow/acme.json"])
+    with pytest.raises(PersistError) as caught:
+        await store.save(creds("device-flow/acme.json", expiry_date=1))
+    assert caught.value.detail == "ELOOP"
+    assert SECRET_TOKEN not in repr(caught.value)
+    assert os.listdir(target) == []  # no credentials, no temp file written through the link
+    assert mode(target) == 0o755  # and the link's target not chmodded 0700
+    assert os.path.islink(home / "device-flow")
+    assert store.summary("device-flow/acme.json") is None
+
+
+async def test_qwen_home_itself_may_be_a_symlink(tmp_path: Path) -> None:
+    real = tmp_path / "dotfiles" / "qwen"
+    real.mkdir(parents=True)
+    home = tmp_path / ".qwen"
+    home.symlink_to(real)
+    store = FileCredentialStore(home)
+    await store.save(creds(expiry_date=4))
+    await store.save(creds("device-flow/acme.json", expiry_date=3))
+    assert json.loads((real / "oauth_creds.json").read_text())["expiry_date"] == 4
+    assert json.loads((real / "device-flow" / "acme.json").read_text())["expiry_date"] == 3
+    assert mode(real) == 0o700 and mode(real / "device-flow") == 0o700
+    assert os.path.islink(home)
+
+
+# --- the commit gate --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("existing", [True, False])
+async def test_a_gate_abandoned_before_the_write_keeps_the_old_file_and_leaves_no_temp(
+    tmp_path: Path, existing: bool
+) -> None:
+    store = FileCredentialStore(tmp_path)
+    await store.load(["oauth_creds.json"])
+    if existing:
+        await store.save(creds(expiry_date=1))
+    before = (tmp_path / "oauth_creds.json").read_bytes() if existing else None
+    gate = CommitGate()
+    assert gate.abandon()
+    with pytest.raises(PersistError) as caught:
+        await store.save(creds(expiry_date=2), gate=gate)
+    assert caught.value.detail == "abandoned"
+    assert leftovers(tmp_path) == []
+    summary = store.summary("oauth_creds.json")
+    if before is not None:
+        assert (tmp_path / "oauth_creds.json").read_bytes() == before
+        assert summary is not None and summary.expires_at_ms == 1
+    else:
+        assert not (tmp_path / "oauth_creds.json").exists()
+        assert summary is None
+
+
+async def test_a_gate_left_open_lets_the_write_land_and_can_no_longer_be_abandoned(tmp_path: Path) -> None:
+    store = FileCredentialStore(tmp_path)
+    await store.save(creds(expiry_date=1))
+    gate = CommitGate()
+    await store.save(creds(expiry_date=2), gate=gate)
+    assert json.loads((tmp_path / "oauth_creds.json").read_text())["expiry_date"] == 2
+    assert not gate.abandon()  # the writer began its commit: the caller learns the write landed
+    summary = store.summary("oauth_creds.json")
+    assert summary is not None and summary.expires_at_ms == 2
+
+
+async def test_a_gate_abandoned_while_the_data_is_being_synced_stops_the_rename(tmp_path: Path) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    class SlowDisk(FileSystem):
+        def fsync(self, fd: int) -> None:
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                started.set()
+                release.wait(10)
+            os.fsync(fd)
+
+    await FileCredentialStore(tmp_path).save(creds(expiry_date=1))
+    store = FileCredentialStore(tmp_path, fs=SlowDisk())
+    gate = CommitGate()
+    outcome: list[PersistError] = []
+
+    async def save() -> None:
+        with pytest.raises(PersistError) as caught:
+            await store.save(creds(expiry_date=2), gate=gate)
+        outcome.append(caught.value)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(save)
+            assert await trio.to_thread.run_sync(started.wait, 10)  # the data is being synced
+            assert gate.abandon()  # the caller gives up first: the write may no longer land
+            release.set()
+    assert [error.detail for error in outcome] == ["abandoned"]
+    assert json.loads((tmp_path / "oauth_creds.json").read_text())["expiry_date"] == 1
+    assert leftovers(tmp_path) == []
+
+
+# --- start-up: stale temp files and a loose QWEN_HOME -----------------------------------------------
+
+
+async def test_load_sweeps_the_temp_files_a_killed_writer_left(
+    tmp_path: Path, records: list[logging.LogRecord]
+) -> None:
+    (tmp_path / "device-flow").mkdir()
+    stale = [
+        tmp_path / f".oauth_creds.json.{'a' * 16}.tmp",
+        tmp_path / ".oauth_creds.json.0123456789abcdef.tmp",
+        tmp_path / "device-flow" / f".acme.json.{'b' * 16}.tmp",
+    ]
+    kept = [
+        tmp_path / f".oauth_creds.json.{'c' * 8}.tmp",  # not our pattern
+        tmp_path / f".other.json.{'d' * 16}.tmp",  # not a watched file
+        tmp_path / "device-flow" / f".oauth_creds.json.{'e' * 16}.tmp",  # not that file's directory
+        tmp_path / "notes.txt",
+    ]
+    for path in (*stale, *kept):
+        path.write_text(json.dumps({"access_token": SECRET_TOKEN}))
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    link = tmp_path / f".oauth_creds.json.{'f' * 16}.tmp"
+    link.symlink_to(victim)
+    store = FileCredentialStore(tmp_path)
+    await store.load(["oauth_creds.json", "device-flow/acme.json"])
+    assert [path for path in stale if path.exists()] == []
+    assert [path for path in kept if not path.exists()] == []
+    assert os.path.islink(link) and victim.read_text() == "keep me"  # a symlink is never followed nor removed
+    assert messages(records, logging.INFO) == [f"removed 3 stale credential temp file(s) under {tmp_path}"]
+    assert store.summary("oauth_creds.json") is None  # a temp file is never taken for the credentials
+
+
+async def test_load_logs_nothing_when_there_is_nothing_to_sweep(
+    tmp_path: Path, records: list[logging.LogRecord]
+) -> None:
+    await FileCredentialStore(tmp_path / "missing").load(["oauth_creds.json", "device-flow/acme.json"])
+    tmp_path.chmod(0o700)
+    await FileCredentialStore(tmp_path).load(["oauth_creds.json"])
+    assert records == []
+
+
+@pytest.mark.parametrize("loose", [0o770, 0o777, 0o720, 0o702], ids=oct)
+async def test_load_warns_about_a_qwen_home_others_may_write(
+    tmp_path: Path, records: list[logging.LogRecord], loose: int
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(loose)
+    await FileCredentialStore(home).load(["oauth_creds.json"])
+    [warning] = messages(records, logging.WARNING)
+    assert str(home) in warning and f"mode {loose:04o}" in warning
+    assert "\n" not in warning
+
+
+async def test_load_warns_about_a_qwen_home_owned_by_another_user(
+    tmp_path: Path, records: list[logging.LogRecord]
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    os.chown(home, 65534, -1)
+    await FileCredentialStore(home).load(["oauth_creds.json"])
+    [warning] = messages(records, logging.WARNING)
+    assert str(home) in warning and "owned by uid 65534" in warning
