@@ -4,7 +4,8 @@
   stream and abandoned beyond the cap), parsed tolerantly (JSON, or form-encoded as GitHub answers).
 - `classify_token_reply`: SPEC §3's table, by the `error` member first, never by HTTP status alone.
 - `parse_device_authorization`: RFC 8628 §3.2 with real IdPs' quirks (Google's `verification_url`, numbers
-  sent as strings, a missing `interval`, a `verification_uri_complete` on a foreign origin).
+  sent as strings, a missing `interval`, a `verification_uri_complete` on a foreign origin), refusing
+  what would mislead a user (a long or unprintable user code, a URL with userinfo).
 - PKCE (RFC 7636, S256 only).
 
 Hints and reasons built here are static sentences: an IdP's `error_description` (or any other text it sends)
@@ -24,7 +25,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 
-from serve.config import is_loopback_host
+from serve.config import url_problem
 from serve.models import ErrorKind
 from serve.providers.base import (
     DeviceAuthorization,
@@ -37,6 +38,9 @@ from serve.providers.base import (
 from serve.secrets import Secret
 
 MAX_REPLY_BYTES = 1 << 20  # 1 MiB: an IdP reply is a few hundred bytes; anything near this is hostile.
+# RFC 8628 §6.1: a user code is short enough to type by hand; its example and real IdPs' (Google, GitHub,
+# Microsoft) are 8-9 characters. 32 leaves room for any of them and none for a sentence of instructions.
+MAX_USER_CODE_CHARS = 32
 
 DEVICE_CODE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"  # RFC 8628 §3.4
 
@@ -150,17 +154,11 @@ def expiry_ms(now_ms: int, expires_in: object) -> int | None:
 
 
 def is_allowed_url(url: object) -> bool:
-    """An absolute https URL, or http to a loopback host (SPEC §5: tokens never cross the network in clear)."""
-    if not isinstance(url, str):
-        return False
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        return False
-    if not host:
-        return False
-    return parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(host))
+    """A URL `serve.config.url_problem` accepts: https (or http to a loopback host), no userinfo, ASCII.
+
+    Applied to everything an IdP names: discovered endpoints, `verification_uri` and its `_complete`.
+    """
+    return isinstance(url, str) and url_problem(url) is None
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
@@ -191,8 +189,10 @@ def s256_code_challenge(code_verifier: Secret[str]) -> str:
 def parse_device_authorization(reply: Reply, code_verifier: Secret[str] | None) -> DeviceAuthorization | None:
     """The device authorization, or None when the reply is not a usable one.
 
-    Tolerates Google's `verification_url` and numbers sent as strings; drops a `verification_uri_complete`
-    whose origin differs from `verification_uri` (a user would be sent somewhere the code was not issued).
+    Tolerates Google's `verification_url` and numbers sent as strings. Refuses a user code that is not
+    `is_displayable_user_code`, and a `verification_uri` that is not `is_allowed_url`; drops (rather than
+    refuses) a `verification_uri_complete` that is not allowed or whose origin differs from
+    `verification_uri` (a user would be sent somewhere the code was not issued).
     """
     fields = reply.fields
     if not 200 <= reply.status_code < 300 or fields is None or "error" in fields:
@@ -200,10 +200,15 @@ def parse_device_authorization(reply: Reply, code_verifier: Secret[str] | None) 
     device_code = fields.get("device_code")
     user_code = fields.get("user_code")
     verification_uri = fields.get("verification_uri", fields.get("verification_url"))
-    if not (isinstance(device_code, str) and device_code and isinstance(user_code, str) and user_code):
+    if not (isinstance(device_code, str) and device_code and isinstance(user_code, str)):
         return None
+    if not is_displayable_user_code(user_code):
+        return None
+    # The one URI a user must open: without an acceptable one there is no flow to offer.
     if not isinstance(verification_uri, str) or not is_allowed_url(verification_uri):
         return None
+    # RFC 8628 §3.2: `verification_uri_complete` is OPTIONAL, so a doubtful one (foreign origin, userinfo,
+    # cleartext) is dropped, as SPEC §5 drops a foreign one: the user still has `verification_uri` + code.
     complete = fields.get("verification_uri_complete", fields.get("verification_url_complete"))
     if not (isinstance(complete, str) and is_allowed_url(complete) and origin(complete) == origin(verification_uri)):
         complete = None
@@ -216,6 +221,17 @@ def parse_device_authorization(reply: Reply, code_verifier: Secret[str] | None) 
         interval=parse_number(fields.get("interval")),
         code_verifier=code_verifier,
     )
+
+
+def is_displayable_user_code(user_code: str) -> bool:
+    """Not blank, at most `MAX_USER_CODE_CHARS` characters, and every one printable.
+
+    The code is shown to a person (wire, events, audit): `str.isprintable` refuses C0, DEL and C1 controls,
+    line and paragraph separators (U+2028/2029), format characters (zero-width U+200B-200F, bidi embeddings
+    and isolates U+202A-202E / U+2066-2069, U+FEFF), unassigned and private-use code points, and every
+    space but U+0020: all that could hide, reorder or forge what the user reads and types.
+    """
+    return 0 < len(user_code) <= MAX_USER_CODE_CHARS and user_code.isprintable() and not user_code.isspace()
 
 
 # --- token response classification (SPEC §3) ------------------------------------------------------

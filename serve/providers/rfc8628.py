@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,21 @@ from serve.providers.base import DeviceAuthorization, PollFailed, PollResult, Po
 from serve.secrets import Secret
 
 _MAX_ALIAS_CHARS = 64
+_UID_ALIAS_RE = re.compile(r"uid:[0-9a-f]{8}")
+# What the credentials document keeps of a token reply: RFC 6749 §5.1's members, the OIDC id token (the
+# alias's source, and what an OIDC client reads), and the refresh token's lifetime under the names GitHub
+# and Keycloak send it. Anything else an IdP adds stays out: the document is read back for the status
+# snapshot, so a reply's `account_alias` or `expiry_date` would otherwise pose as ours.
+_TOKEN_REPLY_KEYS = (
+    "access_token",
+    "token_type",
+    "expires_in",
+    "refresh_token",
+    "scope",
+    "id_token",
+    "refresh_token_expires_in",
+    "refresh_expires_in",
+)
 _PHONE_RE = re.compile(r"^\+?[0-9 ().\-]+$")
 # Claims that name the account itself: a nickname equal to one of them is a username, not an alias.
 _ACCOUNT_NAME_CLAIMS = ("preferred_username", "username", "login", "email", "upn", "unique_name", "sub")
@@ -202,12 +218,19 @@ class Rfc8628Provider:
     # --- success ------------------------------------------------------------------------------------
 
     def _success(self, fields: Mapping[str, object]) -> PollResult:
+        """The credentials for a token reply, its document built by us rather than copied.
+
+        `_TOKEN_REPLY_KEYS` the reply sent as strings or finite numbers, in that order; then `expiry_date`,
+        `obtained_at`, `issuer` (when configured) and `account_alias` (only as `account_alias()` derives it).
+        """
         now_ms = self._now_ms()
         expires_at_ms = oauth.expiry_ms(now_ms, fields.get("expires_in"))
         id_token = fields.get("id_token")
         claims = id_token_claims(id_token) if isinstance(id_token, str) else None
         alias = account_alias(claims, self._alias_namespace(claims)) if claims is not None else None
-        document: dict[str, object] = dict(fields)
+        document: dict[str, object] = {
+            key: value for key in _TOKEN_REPLY_KEYS if _is_plain_value(value := fields.get(key))
+        }
         if expires_at_ms is not None:
             document["expiry_date"] = expires_at_ms
         document["obtained_at"] = now_ms
@@ -232,6 +255,13 @@ class Rfc8628Provider:
         if isinstance(iss, str) and iss:
             return iss
         return self._config.token_endpoint or ""
+
+
+def _is_plain_value(value: object) -> bool:
+    """A string or a finite number (json.loads lets NaN through; booleans are not numbers here)."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def discovery_urls(issuer: str) -> tuple[str, str]:
@@ -287,6 +317,15 @@ def account_alias(claims: Mapping[str, object], issuer: str) -> str | None:
     if not isinstance(sub, str) or not sub:
         return None
     return "uid:" + hashlib.sha256((issuer + sub).encode("utf-8")).hexdigest()[:8]
+
+
+def is_derived_alias(alias: str) -> bool:
+    """Whether `account_alias()` could have produced `alias`, judged by its shape alone.
+
+    `uid:` + 8 lowercase hex digits, or a stripped nickname passing the same checks (bar the comparison
+    with the id token's other claims, which a stored alias no longer has).
+    """
+    return bool(_UID_ALIAS_RE.fullmatch(alias)) or (alias == alias.strip() and _is_safe_nickname(alias, {}))
 
 
 def _is_safe_nickname(nickname: str, claims: Mapping[str, object]) -> bool:

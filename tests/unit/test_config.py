@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from serve.cli import build_parser, load_run_config
-from serve.config import Config, defaults_as_toml_mapping, load_config
+from serve.config import Config, defaults_as_toml_mapping, is_loopback_host, load_config, url_problem
 from serve.errors import ConfigError
+from serve.token import resolve_token
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "serve.toml"
 
@@ -140,3 +141,90 @@ def test_a_certfile_needs_a_keyfile(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(overrides={"server": {"certfile": str(cert)}})
     assert info.value.key == "server.keyfile"
+
+
+# --- loopback and URLs (attack-run findings) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("LocalHost", True),
+        ("127.0.0.1", True),
+        ("127.4.5.6", True),
+        ("::1", True),
+        ("[::1]", True),
+        # RFC 6761 §6.3 only asks resolvers to map these to loopback; many forward them to DNS.
+        ("evil.localhost", False),
+        ("a.b.localhost", False),
+        ("localhost.", False),
+        ("localhost.example.com", False),
+        ("0.0.0.0", False),
+        ("10.0.0.1", False),
+        ("example.com", False),
+    ],
+)
+def test_only_localhost_itself_and_loopback_literals_are_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://evil.localhost:8080",
+        "http://localhost.:8080",
+        "https://chat.qwen.ai@evil.example/",
+        "https://user:pass@idp.example/",
+        "https://@idp.example/",
+        "http://user@127.0.0.1:8080/",
+        "https://evil.example\\@chat.qwen.ai/",
+        "https://idp.example:99999/",
+        "https://idp.example:abc/",
+        "https://idp.example:0/",
+        "https://idp.exam ple/",
+        "https://idp.example/\u202etxt.exe",
+        "https://bücher.example/",
+    ],
+)
+@pytest.mark.parametrize("key", ["qwen-oauth.base_url", "acme.issuer", "acme.token_endpoint"])
+def test_a_bad_url_is_refused_and_named(url: str, key: str) -> None:
+    provider_id, name = key.split(".")
+    table: dict[str, object] = {"kind": "rfc8628", "client_id": "c", "issuer": "https://idp.example"}
+    if provider_id == "acme" and name == "token_endpoint":
+        table["device_authorization_endpoint"] = "https://idp.example/device"
+    table = {name: url} if provider_id == "qwen-oauth" else {**table, name: url}
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides={"providers": {provider_id: table}})
+    assert caught.value.key == f"providers.{key}"
+
+
+def test_a_url_with_userinfo_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides={"providers": {"qwen-oauth": {"base_url": "https://user:hunter2@chat.qwen.ai/"}}})
+    assert "userinfo" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://chat.qwen.ai", "http://localhost:8765/", "http://127.0.0.1:8765", "http://[::1]:9/x?a=b@c"]
+)
+def test_good_urls_are_kept_as_given(url: str) -> None:
+    assert load_config(overrides={"providers": {"qwen-oauth": {"base_url": url}}}).qwen_oauth.base_url == url
+
+
+def test_url_problem_is_static() -> None:
+    assert url_problem("https://idp.example/device") is None
+    for url in ("https://u:SECRET@idp.example/", "http://SECRET.localhost/", "ftp://SECRET/"):
+        problem = url_problem(url)
+        assert problem is not None and "SECRET" not in problem
+
+
+@pytest.mark.parametrize("host", ["foo.localhost", "localhost.", "10.0.0.1"])
+def test_no_token_needs_a_loopback_bind_and_a_localhost_subdomain_is_not_one(host: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        resolve_token(flag_token=None, token_file=None, no_token=True, host=host, env={}, home=tmp_path)
+    assert caught.value.key == "server.host"
+    for loopback in ("localhost", "127.0.0.1", "::1"):
+        token = resolve_token(flag_token=None, token_file=None, no_token=True, host=loopback, env={}, home=tmp_path)
+        assert token.token is None

@@ -188,6 +188,22 @@ def test_expiry_ms() -> None:
         ("http://localhost/token", True),
         ("http://[::1]:9/token", True),
         ("http://idp.example/token", False),
+        # RFC 6761 §6.3 leaves *.localhost to resolvers, which may send it anywhere: cleartext is refused.
+        ("http://evil.localhost/token", False),
+        ("http://localhost./token", False),
+        # RFC 9110 §4.2.4: userinfo obscures the authority (this one goes to evil.example).
+        ("https://chat.qwen.ai@evil.example/token", False),
+        ("https://user:pass@idp.example/token", False),
+        ("https://@idp.example/token", False),
+        # A browser reads `\` as `/` and would open evil.example; urlsplit sees chat.qwen.ai.
+        ("https://evil.example\\@chat.qwen.ai/", False),
+        ("https://evil.example\\.chat.qwen.ai/", False),
+        ("https://idp.example:99999/token", False),
+        ("https://idp.example:abc/token", False),
+        ("https://idp.example/\u202egnp.exe", False),
+        ("https://idp.example/a\tb", False),
+        ("https://idp.exam\u0440le/token", False),  # a Cyrillic `р`
+        ("https://idp.example/token?next=a@b", True),
         ("ftp://idp.example/token", False),
         ("javascript:alert(1)", False),
         ("/relative", False),
@@ -196,6 +212,97 @@ def test_expiry_ms() -> None:
 )
 def test_https_only_except_loopback(url: object, allowed: bool) -> None:
     assert oauth.is_allowed_url(url) is allowed
+
+
+# --- the device authorization response (RFC 8628 §3.2) ----------------------------------------------
+
+
+def device_reply(**overrides: object) -> oauth.Reply:
+    fields: dict[str, object] = {
+        "device_code": "dc",
+        "user_code": "WDJB-MJHT",
+        "verification_uri": "https://idp.example/device",
+        "verification_uri_complete": "https://idp.example/device?user_code=WDJB-MJHT",
+        "expires_in": 900,
+        "interval": 5,
+    }
+    fields.update(overrides)
+    return oauth.Reply(200, {k: v for k, v in fields.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    "user_code",
+    ["WDJB-MJHT", "GQVQ-JKEC", "12345678", "ABCD EFGH", "КОД-4821", "x" * oauth.MAX_USER_CODE_CHARS],
+)
+def test_ordinary_user_codes_are_accepted(user_code: str) -> None:
+    authorization = oauth.parse_device_authorization(device_reply(user_code=user_code), None)
+    assert authorization is not None and authorization.user_code == user_code
+
+
+@pytest.mark.parametrize(
+    "user_code",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("   ", id="blank"),
+        pytest.param("x" * (oauth.MAX_USER_CODE_CHARS + 1), id="too-long"),
+        pytest.param("WDJB-MJHT visit https://evil.example and enter it", id="a-sentence"),
+        pytest.param("WDJB\x00MJHT", id="NUL"),
+        pytest.param("WDJB\nMJHT", id="LF"),
+        pytest.param("WDJB\x1b[2JMJHT", id="ESC"),
+        pytest.param("WDJB\x7fMJHT", id="DEL"),
+        pytest.param("WDJB\x85MJHT", id="C1-NEL"),
+        pytest.param("WDJB\x9bMJHT", id="C1-CSI"),
+        pytest.param("WDJB\u2028MJHT", id="U+2028"),
+        pytest.param("WDJB\u2029MJHT", id="U+2029"),
+        *(pytest.param(f"WDJB{c}MJHT", id=f"U+{ord(c):04X}") for c in "\u200b\u200c\u200d\u200e\u200f"),
+        *(pytest.param(f"WDJB{c}MJHT", id=f"U+{ord(c):04X}") for c in "\u202a\u202b\u202c\u202d\u202e"),
+        *(pytest.param(f"WDJB{c}MJHT", id=f"U+{ord(c):04X}") for c in "\u2066\u2067\u2068\u2069"),
+        pytest.param("\ufeffWDJB-MJHT", id="U+FEFF"),
+        pytest.param("WDJB\u00a0MJHT", id="NBSP"),
+        pytest.param(42, id="a-number"),
+    ],
+)
+def test_a_long_or_unprintable_user_code_refuses_the_reply(user_code: object) -> None:
+    assert oauth.parse_device_authorization(device_reply(user_code=user_code), None) is None
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://chat.qwen.ai@evil.example/device",
+        "https://user:pass@idp.example/device",
+        "https://evil.example\\@idp.example/device",
+        "http://evil.localhost/device",
+    ],
+)
+def test_a_verification_uri_with_userinfo_or_cleartext_refuses_the_reply(uri: str) -> None:
+    # The URI the user must open: there is no flow without a trustworthy one.
+    assert oauth.parse_device_authorization(device_reply(verification_uri=uri), None) is None
+    assert oauth.parse_device_authorization(device_reply(verification_uri=None, verification_url=uri), None) is None
+
+
+@pytest.mark.parametrize(
+    "complete",
+    [
+        "https://user@idp.example/device?user_code=WDJB-MJHT",
+        "https://idp.example:443@idp.example/device?user_code=WDJB-MJHT",
+        "https://idp.example\\@idp.example/device?user_code=WDJB-MJHT",
+        "https://idp.example/device?user_code=WDJB-MJHT\u202e",
+    ],
+)
+def test_a_complete_uri_with_userinfo_is_dropped_even_on_the_same_origin(complete: str) -> None:
+    # RFC 8628 §3.2: it is OPTIONAL; the user still has verification_uri and the code (SPEC §5's rule for a
+    # foreign origin, applied to a disguised one).
+    authorization = oauth.parse_device_authorization(device_reply(verification_uri_complete=complete), None)
+    assert authorization is not None
+    assert authorization.verification_uri == "https://idp.example/device"
+    assert authorization.verification_uri_complete is None
+
+
+@pytest.mark.parametrize("uri", ["https://idp.example:abc/device", "https://idp.example:99999/device"])
+def test_a_verification_uri_with_a_bad_port_is_refused_not_a_crash(uri: str) -> None:
+    # The origin comparison reads the port: it used to raise ValueError out of start() (a 500, not a 502).
+    assert oauth.parse_device_authorization(device_reply(verification_uri=uri), None) is None
 
 
 def test_origin_fills_default_ports() -> None:

@@ -186,11 +186,14 @@ async def test_document_keys_in_qwen_codes_order_whatever_the_reply_order(
                 "refresh_token": "fake-refresh-1",
                 "access_token": "fake-access-1",
                 "id_token": "x.y.z",
+                "account_alias": "alice@example.com",
+                "expiry_date": 1,
             },
         )
     )
     result = await provider.poll(await provider.start())
     assert isinstance(result, PollSuccess)
+    assert result.credentials.account_alias is None
     assert list(result.credentials.document.reveal().items()) == [
         ("access_token", "fake-access-1"),
         ("refresh_token", "fake-refresh-1"),
@@ -282,6 +285,18 @@ async def test_oversized_token_reply_is_transient(provider: QwenOAuthProvider, i
 # --- start failures: one static message -------------------------------------------------------------
 
 
+def device_code_reply(**fields: str) -> httpx.Response:
+    """A device code reply like Qwen's, with `fields` replaced."""
+    body = {
+        "device_code": "device-code-1",
+        "user_code": "WDJB-MJHT",
+        "verification_uri": "https://chat.qwen.ai/authorize",
+        "expires_in": 900,
+        "interval": 5,
+    }
+    return json_reply(200, {**body, **fields})
+
+
 @pytest.mark.parametrize(
     "reply",
     [
@@ -296,6 +311,14 @@ async def test_oversized_token_reply_is_transient(provider: QwenOAuthProvider, i
             id="bad-uri",
         ),
         pytest.param(httpx.Response(302, headers={"location": "https://evil.example/"}), id="redirect"),
+        pytest.param(device_code_reply(user_code="W" * 33), id="user-code-too-long"),
+        pytest.param(device_code_reply(user_code="WDJB\x1b[2JMJHT"), id="user-code-escape"),
+        pytest.param(device_code_reply(user_code="WDJB\u202eTHJM"), id="user-code-bidi"),
+        pytest.param(device_code_reply(user_code="WDJB\u200bMJHT"), id="user-code-zero-width"),
+        pytest.param(device_code_reply(user_code="WDJB\u2028MJHT"), id="user-code-line-separator"),
+        pytest.param(device_code_reply(user_code="WDJB\x85MJHT"), id="user-code-c1"),
+        pytest.param(device_code_reply(verification_uri="https://chat.qwen.ai@evil.example/authorize"), id="userinfo"),
+        pytest.param(device_code_reply(verification_uri="http://chat.qwen.localhost/authorize"), id="dot-localhost"),
     ],
 )
 async def test_start_failures_raise_upstream_error_with_the_static_message(
@@ -370,6 +393,14 @@ async def test_a_foreign_origin_complete_uri_is_dropped(provider: QwenOAuthProvi
             },
         )
     )
+    authorization = await provider.start()
+    assert authorization.verification_uri == "https://chat.qwen.ai/authorize"
+    assert authorization.verification_uri_complete is None
+
+
+async def test_a_complete_uri_with_userinfo_is_dropped(provider: QwenOAuthProvider, idp: FakeIdP) -> None:
+    complete = "https://user@chat.qwen.ai/authorize?user_code=WDJB-MJHT"
+    idp.device_replies.append(device_code_reply(verification_uri_complete=complete))
     authorization = await provider.start()
     assert authorization.verification_uri == "https://chat.qwen.ai/authorize"
     assert authorization.verification_uri_complete is None

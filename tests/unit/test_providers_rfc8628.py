@@ -22,7 +22,13 @@ from serve.errors import UpstreamError
 from serve.models import AuthState, ErrorKind
 from serve.providers import build_providers
 from serve.providers.base import PollFailed, PollPending, PollSlowDown, PollSuccess, PollTransient
-from serve.providers.rfc8628 import Rfc8628Provider, account_alias, discovery_urls, id_token_claims
+from serve.providers.rfc8628 import (
+    Rfc8628Provider,
+    account_alias,
+    discovery_urls,
+    id_token_claims,
+    is_derived_alias,
+)
 from serve.status import provider_statuses
 from serve.store import FileCredentialStore
 
@@ -112,6 +118,25 @@ async def test_issuer_mismatch_is_refused(idp: FakeIdP, http: httpx.AsyncClient)
 
 async def test_a_plain_http_endpoint_from_discovery_is_refused(idp: FakeIdP, http: httpx.AsyncClient) -> None:
     idp.documents[OIDC_URL] = json_reply(200, idp.metadata(token_endpoint="http://idp.example/token"))
+    with pytest.raises(UpstreamError, match=f"^{DISCOVERY_FAILED}$"):
+        await make_provider(http).start()
+    assert all(r.method == "GET" for r in idp.requests)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"token_endpoint": "http://idp.localhost/token"},
+        {"device_authorization_endpoint": "http://idp.localhost/device"},
+        {"token_endpoint": "https://idp.example@evil.example/token"},
+        {"device_authorization_endpoint": "https://user:pass@idp.example/device"},
+        {"token_endpoint": "https://evil.example\\@idp.example/token"},
+    ],
+)
+async def test_a_cleartext_subdomain_or_userinfo_endpoint_from_discovery_is_refused(
+    idp: FakeIdP, http: httpx.AsyncClient, override: dict[str, str]
+) -> None:
+    idp.documents[OIDC_URL] = json_reply(200, idp.metadata(**override))
     with pytest.raises(UpstreamError, match=f"^{DISCOVERY_FAILED}$"):
         await make_provider(http).start()
     assert all(r.method == "GET" for r in idp.requests)
@@ -398,6 +423,43 @@ async def test_start_with_an_error_reply_is_upstream_error(idp: FakeIdP, http: h
         await make_provider(http).start()
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"user_code": "W" * 33}, id="user-code-too-long"),
+        pytest.param({"user_code": "WDJB\rMJHT"}, id="user-code-CR"),
+        pytest.param({"user_code": "WDJB\u2066MJHT\u2069"}, id="user-code-bidi-isolate"),
+        pytest.param({"user_code": "\ufeffWDJB-MJHT"}, id="user-code-BOM"),
+        pytest.param({"verification_uri": "https://idp.example@evil.example/activate"}, id="uri-userinfo"),
+        pytest.param({"verification_uri": "http://idp.localhost/activate"}, id="uri-dot-localhost"),
+    ],
+)
+async def test_a_misleading_device_authorization_is_upstream_error(
+    idp: FakeIdP, http: httpx.AsyncClient, fields: dict[str, str]
+) -> None:
+    reply = {"device_code": "d", "user_code": "WDJB-MJHT", "verification_uri": "https://idp.example/activate"}
+    idp.device_replies.append(json_reply(200, {**reply, **fields}))
+    with pytest.raises(UpstreamError, match=f"^{START_FAILED}$") as caught:
+        await make_provider(http).start()
+    assert (caught.value.code, caught.value.status) == ("upstream_error", 502)
+
+
+async def test_a_complete_uri_with_userinfo_is_dropped(idp: FakeIdP, http: httpx.AsyncClient) -> None:
+    idp.device_replies.append(
+        json_reply(
+            200,
+            {
+                "device_code": "d",
+                "user_code": "U",
+                "verification_uri": "https://idp.example/activate",
+                "verification_uri_complete": "https://login:x@idp.example/activate?user_code=U",
+            },
+        )
+    )
+    authorization = await make_provider(http).start()
+    assert authorization.verification_uri_complete is None
+
+
 # --- the credentials document and the account alias --------------------------------------------------
 
 
@@ -428,6 +490,76 @@ async def test_document_is_the_token_reply_plus_our_fields(idp: FakeIdP, http: h
     ]
 
 
+async def test_document_keeps_only_the_standard_fields_and_ours(
+    idp: FakeIdP, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    idp.token_fields = {
+        "access_token": "at",
+        "token_type": "Bearer",
+        "expires_in": 3600,
+        "refresh_token": "rt",
+        "scope": "openid",
+        "refresh_token_expires_in": 15_897_600,
+        "account_alias": "alice@example.com",  # would pose as our alias in the status snapshot
+        "expiry_date": 4_102_444_800_000,  # would pose as our expiry
+        "obtained_at": 0,
+        "issuer": "https://evil.example",
+        "email": "alice@example.com",
+        "profile": {"phone": "+1 555 010 9999"},
+        "id_token": {"not": "a string"},
+    }
+    provider = make_provider(http)
+    result = await provider.poll(await provider.start())
+    assert isinstance(result, PollSuccess)
+    assert result.credentials.account_alias is None
+    assert result.credentials.document.reveal() == {
+        "access_token": "at",
+        "token_type": "Bearer",
+        "expires_in": 3600,
+        "refresh_token": "rt",
+        "scope": "openid",
+        "refresh_token_expires_in": 15_897_600,
+        "expiry_date": NOW_MS + 3_600_000,
+        "obtained_at": NOW_MS,
+        "issuer": ISSUER,
+    }
+    store = FileCredentialStore(tmp_path / "home")
+    await store.load([provider.credentials_file])
+    await store.save(result.credentials)
+    assert "alice" not in (tmp_path / "home" / provider.credentials_file).read_text()
+    (cell,) = provider_statuses([provider], store, NOW_MS)
+    assert (cell.account_alias, cell.expires_at_ms) == (None, NOW_MS + 3_600_000)
+
+
+async def test_a_replys_account_alias_never_beats_the_derived_one(idp: FakeIdP, http: httpx.AsyncClient) -> None:
+    idp.token_fields["account_alias"] = "alice@example.com"
+    idp.token_fields["id_token"] = id_token({"iss": ISSUER, "sub": "u1", "email": "alice@example.com"})
+    provider = make_provider(http)
+    result = await provider.poll(await provider.start())
+    assert isinstance(result, PollSuccess)
+    assert result.credentials.account_alias == uid(ISSUER, "u1")
+    assert result.credentials.document.reveal()["account_alias"] == uid(ISSUER, "u1")
+
+
+async def test_non_finite_or_boolean_numbers_are_dropped(idp: FakeIdP, http: httpx.AsyncClient) -> None:
+    idp.token_replies.append(
+        httpx.Response(
+            200,
+            content=b'{"access_token": "at", "expires_in": NaN, "refresh_expires_in": true, "scope": "s"}',
+            headers={"content-type": "application/json"},
+        )
+    )
+    provider = make_provider(http)
+    result = await provider.poll(await provider.start())
+    assert isinstance(result, PollSuccess)
+    assert result.credentials.document.reveal() == {
+        "access_token": "at",
+        "scope": "s",
+        "obtained_at": NOW_MS,
+        "issuer": ISSUER,
+    }
+
+
 def uid(issuer: str, sub: str) -> str:
     return "uid:" + hashlib.sha256((issuer + sub).encode()).hexdigest()[:8]
 
@@ -453,6 +585,32 @@ def uid(issuer: str, sub: str) -> str:
 )
 def test_account_alias(claims: dict[str, object], expected: str | None) -> None:
     assert account_alias(claims, ISSUER) == expected
+
+
+@pytest.mark.parametrize(
+    ("alias", "derived"),
+    [
+        ("Mika", True),
+        ("uid:0a1b2c3d", True),
+        (uid(ISSUER, "u1"), True),
+        ("alice@example.com", False),
+        ("+1 (555) 010-9999", False),
+        ("15550109999", False),
+        (" Mika", False),
+        ("x" * 65, False),
+        ("Mi\u202eka", False),
+        ("Mi\nka", False),
+        ("", False),
+    ],
+)
+def test_is_derived_alias_is_the_shape_account_alias_gives(alias: str, derived: bool) -> None:
+    assert is_derived_alias(alias) is derived
+
+
+def test_every_alias_account_alias_gives_is_derived() -> None:
+    for claims in ({"sub": "u1", "nickname": "  Mika  "}, {"sub": "u1", "nickname": "a@b.c"}, {"sub": "x"}):
+        alias = account_alias(claims, ISSUER)
+        assert alias is not None and is_derived_alias(alias)
 
 
 def test_uid_is_the_first_8_hex_of_sha256_of_issuer_and_sub() -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 from serve.config import Config, build_config
 from serve.credentials import Credentials
@@ -91,3 +92,49 @@ async def test_one_cell_per_configured_provider_in_order_from_the_real_store(tmp
         ("acme", AuthState.AUTHENTICATED),
     ]
     assert all(c.updated_at_ms is not None for c in cells if c.auth_state is not AuthState.UNAUTHENTICATED)
+
+
+# --- the alias: only one the provider itself could have written (attack-run finding) -----------------
+
+
+@pytest.mark.parametrize("alias", ["Mika", "uid:0a1b2c3d", "alice@example.com"])
+def test_qwen_oauth_never_shows_an_alias(alias: str) -> None:
+    # qwen-code writes oauth_creds.json itself, and our qwen-oauth provider derives no alias at all.
+    summary = CredentialSummary(NOW_MS + 1, NOW_MS - 10, alias)
+    assert statuses({"oauth_creds.json": summary}, Named("qwen-oauth", "oauth_creds.json")) == [
+        ProviderAuthStatus("qwen-oauth", AuthState.AUTHENTICATED, NOW_MS + 1, NOW_MS - 10)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("alias", "shown"),
+    [
+        ("Mika", "Mika"),
+        ("uid:0a1b2c3d", "uid:0a1b2c3d"),
+        ("alice@example.com", None),
+        ("+1 (555) 010-9999", None),
+        ("  Mika", None),
+        ("Mika\u202e", None),
+        ("x" * 65, None),
+    ],
+)
+def test_a_generic_provider_shows_only_an_alias_of_the_derived_shape(alias: str, shown: str | None) -> None:
+    summary = CredentialSummary(NOW_MS + 1, NOW_MS - 10, alias)
+    (cell,) = statuses({"device-flow/acme.json": summary}, Named("acme", "device-flow/acme.json"))
+    assert cell.account_alias == shown
+
+
+async def test_an_alias_written_by_someone_else_is_not_shown(tmp_path: Path) -> None:
+    config = build_config({"providers": {"acme": {"kind": "rfc8628", "client_id": "c", "issuer": "https://a.example"}}})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500))) as http:
+        providers = build_providers(config, http, env={})
+    store = FileCredentialStore(tmp_path)
+    await store.load(p.credentials_file for p in providers.values())
+    planted = {"access_token": "a", "account_alias": "alice@example.com", "scope": "x"}
+    await store.save(Credentials("oauth_creds.json", Secret({**planted, "account_alias": "Mika"})))
+    await store.save(Credentials("device-flow/acme.json", Secret(planted)))
+    cells = provider_statuses(providers.values(), store, NOW_MS)
+    assert [(c.provider_id, c.auth_state, c.account_alias) for c in cells] == [
+        ("qwen-oauth", AuthState.AUTHENTICATED, None),
+        ("acme", AuthState.AUTHENTICATED, None),
+    ]
