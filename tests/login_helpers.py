@@ -23,7 +23,7 @@ from fake_idp import FakeIdP, json_reply
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from serve.config import Config, load_config
-from serve.credentials import Credentials
+from serve.credentials import CommitGate, Credentials
 from serve.daemon import RunningDaemon
 from serve.store import FileCredentialStore, FileSystem
 
@@ -165,10 +165,10 @@ class GatedStore(FileCredentialStore):
         self.entered = trio.Event()
         self.release = trio.Event()
 
-    async def save(self, credentials: Credentials) -> None:
+    async def save(self, credentials: Credentials, *, gate: CommitGate | None = None) -> None:
         self.entered.set()
         await self.release.wait()
-        await super().save(credentials)
+        await super().save(credentials, gate=gate)
 
 
 # --- clients --------------------------------------------------------------------------------------------

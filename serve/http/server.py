@@ -102,8 +102,8 @@ async def serve(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         listeners, binds = _listeners(config)
-        try:
-            async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as connections:
+            try:
                 async with trio.open_nursery() as accepting:
                     for listener in listeners:
                         accepting.start_soon(server.accept_loop, listener, connections)
@@ -111,10 +111,11 @@ async def serve(
                     await shutdown_trigger()
                     accepting.cancel_scope.cancel()  # each loop closes its listener as it ends
                 await server.drain(config.graceful_timeout)
+            finally:
+                # Before the nursery waits for its connections, and on cancellation too: a connection
+                # blocked in a shielded write would otherwise hold it for as long as its peer likes.
+                server.abort_all()
                 connections.cancel_scope.cancel()
-        finally:
-            # Also on cancellation: a connection blocked in a shielded write would otherwise outlive us.
-            server.abort_all()
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
 

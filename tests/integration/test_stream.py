@@ -477,15 +477,14 @@ async def test_a_handler_error_closes_1011(
 async def test_a_peer_that_stopped_reading_does_not_hold_shutdown(
     start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], bearer: Headers
 ) -> None:
-    # Hypercorn's socket writes are shielded: without TCP_USER_TIMEOUT on the listener, a client that
-    # stops reading pins its handler, and `run_daemon` never returns while that client lives.
-    release = trio.Event()
-
+    # Hypercorn's socket writes are shielded: a client that stops reading pinned its handler, and
+    # `run_daemon` did not return while that client lived (issue 8: 26.4 s). After the graceful phase the
+    # daemon now resets the connections still open.
     async def stuck_client(daemon: RunningDaemon, *, task_status: trio.TaskStatus[None]) -> None:
         with contextlib.suppress(ConnectionClosed):
             async with open_stream(daemon, bearer, message_queue_size=1):
                 task_status.started()
-                await release.wait()
+                await trio.sleep_forever()
 
     with trio.fail_after(30):
         async with trio.open_nursery() as clients:
@@ -500,6 +499,7 @@ async def test_a_peer_that_stopped_reading_does_not_hold_shutdown(
                 assert published < 400
                 stopping_at = trio.current_time()
             took = trio.current_time() - stopping_at
-            release.set()
-    # The kernel drops the silent peer after max(2 x heartbeat, 5 s); the bound here is generous.
-    assert took < 15
+            # trio-websocket's client cannot close while its reader is blocked on a full queue: cancel it.
+            clients.cancel_scope.cancel()
+    # graceful_timeout_s is 0.5 in these tests; the bound is generous for a loaded machine.
+    assert took < 3
