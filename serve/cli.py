@@ -113,7 +113,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     token.add_argument(
         "--token-file",
         metavar="F",
-        help="read the bearer token from F (refused if group or others have any access)",
+        help="read the bearer token from F (refused if group or others have any access, or a parent "
+        "directory is group/world-writable or another user's)",
     )
     token.add_argument(
         "--no-token",
@@ -240,7 +241,8 @@ RUN_EPILOG = """\
 bearer token (first that is set wins):
   --token T            visible to other local users in `ps`: prefer the env or a file
   $QWEN_SERVER_TOKEN   (empty counts as unset)
-  --token-file F       refused (exit 2) if group or others have any access, as ssh refuses a key
+  --token-file F       refused (exit 2) if group or others have any access to it, or a parent directory
+                       is group/world-writable or another user's, as ssh's StrictModes refuses a key
   otherwise            $QWEN_HOME/serve/token, reused if mode 0600, else generated (dir 0700, file 0600);
                        its path is printed on stderr, never the token. Clients send
                        `Authorization: Bearer <token>`; only GET /health is open.

@@ -7,6 +7,7 @@ targets, `Expect: 100-continue`, h2c, stalled peers), and every loop is bounded 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -28,6 +29,7 @@ from login_helpers import bearer_headers, next_frame, ws_url
 
 from serve.daemon import RunningDaemon
 from serve.models import ErrorKind, FlowFailed, FlowStatus
+from serve.private_files import sweep_temp_files
 
 StartDaemon = Callable[..., AbstractAsyncContextManager[RunningDaemon]]
 LISTENING = re.compile(rb"^qwen-serve listening on (http://127\.0\.0\.1:(\d+)) \(workspace=.+\)\n$")
@@ -416,3 +418,41 @@ async def test_a_large_inbound_websocket_message_is_closed_1009(
             while True:
                 await ws.get_message()
     assert closed.value.reason.code == 1009
+
+
+# --- 6. a SIGKILL during writes tears nothing, and its temp files are swept -----------------------------------
+
+WRITER = """
+import json, sys
+from pathlib import Path
+from serve.private_files import write_private
+root, count = Path(sys.argv[1]), 0
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+while True:
+    count += 1
+    document = {"access_token": f"at-{count}", "padding": "x" * 262144, "end": count}
+    write_private(root, "device-flow/acme.json", json.dumps(document).encode())
+"""
+
+
+async def test_sigkill_during_writes_leaves_a_whole_file_and_sweepable_temps(tmp_path: Path) -> None:
+    root = tmp_path / "home"
+    target = root / "device-flow" / "acme.json"
+    seen: set[int] = set()
+    for round_ in range(20):
+        process = await trio.lowlevel.open_process([sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE)
+        assert process.stdout is not None
+        with trio.fail_after(20):
+            assert await process.stdout.receive_some(6) == b"ready\n"
+            await trio.sleep(0.01 + 0.005 * round_)  # kill at a different point of a write each round
+            process.kill()
+            await process.wait()
+        await process.stdout.aclose()
+        if target.exists():
+            document = json.loads(target.read_bytes())  # never torn: always a whole document
+            assert document["access_token"] == f"at-{document['end']}"
+            assert oct(target.stat().st_mode & 0o777) == "0o600"
+            seen.add(document["end"])
+    assert seen, "no write ever landed"
+    sweep_temp_files(root, ["device-flow/acme.json"])
+    assert sorted(p.name for p in target.parent.iterdir()) == ["acme.json"]
