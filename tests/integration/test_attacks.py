@@ -25,7 +25,19 @@ import httpx
 import pytest
 import trio
 import trio_websocket
-from login_helpers import bearer_headers, next_frame, ws_url
+from idp_server import serve_idp
+from login_helpers import (
+    FLOWS_PATH,
+    QWEN_TOKENS,
+    bearer_headers,
+    device_reply,
+    login_config,
+    next_frame,
+    qwen_idp,
+    qwen_tokens,
+    token_requests,
+    ws_url,
+)
 
 from serve.daemon import RunningDaemon
 from serve.models import ErrorKind, FlowFailed, FlowStatus
@@ -456,3 +468,42 @@ async def test_sigkill_during_writes_leaves_a_whole_file_and_sweepable_temps(tmp
     assert seen, "no write ever landed"
     sweep_temp_files(root, ["device-flow/acme.json"])
     assert sorted(p.name for p in target.parent.iterdir()) == ["acme.json"]
+
+
+# --- 4. a cancel or shutdown during the granting token request lost the login -------------------------------
+
+
+@pytest.mark.parametrize("interruption", ["delete", "shutdown"])
+async def test_a_grant_held_by_the_idp_survives_a_delete_or_shutdown_meanwhile(
+    start_daemon: StartDaemon, auth: dict[str, str], qwen_home: Path, interruption: str
+) -> None:
+    # The IdP holds its granting reply 0.5 s; the DELETE (or SIGTERM's shutdown) lands inside that window.
+    # Before: 20 of 20 such flows ended `cancelled` while the IdP had spent the device code.
+    idp = qwen_idp(token_replies=[qwen_tokens()])
+    with trio.fail_after(20):
+        async with serve_idp(idp) as served:
+            served.token_delay_s = 0.5
+            idp.device_replies.append(device_reply(served.url))
+            async with (
+                start_daemon(login_config(served.url)) as daemon,
+                httpx.AsyncClient(base_url=daemon.url, headers=auth) as client,
+            ):
+                started = await client.post(FLOWS_PATH, json={"providerId": "qwen-oauth"})
+                assert started.status_code == 201
+                flow_id = started.json()["deviceFlowId"]
+                # The first token request went out (the served IdP records it only once it answers).
+                while "lastPolledAt" not in (await client.get(f"{FLOWS_PATH}/{flow_id}")).json():  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+                if interruption == "delete":
+                    assert (await client.delete(f"{FLOWS_PATH}/{flow_id}")).status_code == 204
+                    assert (await client.get(f"{FLOWS_PATH}/{flow_id}")).json()["status"] == "pending"
+                    while (await client.get(f"{FLOWS_PATH}/{flow_id}")).json()["status"] == "pending":  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                    assert (await client.get(f"{FLOWS_PATH}/{flow_id}")).json()["status"] == "authorized"
+                else:
+                    daemon.shutdown()
+                    await daemon.services.registry._stopped.wait()
+                    assert daemon.services.registry.get(flow_id).status is FlowStatus.AUTHORIZED
+    credentials = json.loads((qwen_home / "oauth_creds.json").read_text())
+    assert credentials["access_token"] == QWEN_TOKENS["access_token"]
+    assert len(token_requests(idp)) == 1  # one poll: the device code was never redeemed twice
