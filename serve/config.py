@@ -33,7 +33,7 @@ class ServerConfig:
     extra_hosts: tuple[str, ...] = ()
     allow_origins: tuple[str, ...] = ()
     max_body_bytes: int = 65536
-    graceful_timeout_s: float = 1.5
+    graceful_timeout_s: float = 0.5
     certfile: str | None = None
     keyfile: str | None = None
 
