@@ -19,6 +19,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from serve.errors import ConfigError
+from serve.netloc import split_host, url_problem
 
 QWEN_OAUTH_ID = "qwen-oauth"
 PROVIDER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -158,50 +159,6 @@ def _str_map(key: str, v: Any) -> tuple[tuple[str, str], ...]:
     return tuple(v.items())
 
 
-def is_loopback_host(host: str) -> bool:
-    """True for `localhost` itself and loopback IP literals (127.0.0.0/8, ::1; brackets allowed).
-
-    Not `*.localhost`: RFC 6761 §6.3 only asks resolvers to answer those with loopback, and many forward
-    them upstream, so `evil.localhost` may be anywhere. Nor `localhost.` (an absolute name, sent to DNS).
-    """
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def url_problem(url: str) -> str | None:
-    """Why `url` may not be used (to reach an IdP, or to send a user to), or None when it may.
-
-    The reason is static and never repeats the URL (it may carry a password). Rules, in order:
-    printable ASCII without spaces or backslashes; http(s) with a host and a valid port; no userinfo;
-    https unless the host is loopback (SPEC §5: tokens never cross the network in clear).
-    """
-    # RFC 3986 §2: a URI is ASCII with no whitespace. A backslash has no place in one either, and WHATWG
-    # parsers (browsers) read it as "/" where urlsplit does not, so the host checked here would not be the
-    # host opened: `https://evil.example\@chat.qwen.ai/`.
-    if not url.isascii() or not url.isprintable() or " " in url or "\\" in url:
-        return "expected a URL of printable ASCII without spaces or backslashes"
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        port = parts.port  # raises ValueError for a port that is not a number in 0-65535
-    except ValueError:
-        return "expected an absolute http(s) URL"
-    if parts.scheme not in ("http", "https") or not host or port == 0:
-        return "expected an absolute http(s) URL"
-    # RFC 9110 §4.2.4: userinfo in an http(s) URI from an untrusted source "SHOULD" be treated as an error;
-    # it serves to obscure the authority (`https://chat.qwen.ai@evil.example/` goes to evil.example).
-    if parts.username is not None or parts.password is not None:
-        return "must not carry userinfo (user:password@ before the host)"
-    if parts.scheme == "http" and not is_loopback_host(host):
-        return "must use https (http is allowed only for loopback hosts)"
-    return None
-
-
 def _url(key: str, v: Any) -> str:
     """An absolute URL that `url_problem` accepts; the value is echoed unless it may hold a password."""
     url = _str(key, v)
@@ -239,14 +196,7 @@ def _host_list(key: str, v: Any) -> tuple[str, ...]:
     """`extra_hosts`: each `host` or `host:port`, normalised the way the Host gate compares them."""
     out = []
     for item in _str_list(key, v):
-        host, port = item, None
-        if item.startswith("["):
-            end = item.find("]")
-            host, rest = item[: end + 1], item[end + 1 :]
-            if rest:
-                port = rest.removeprefix(":") if rest.startswith(":") else "x"
-        elif item.count(":") == 1:
-            host, port = item.split(":")
+        host, port = split_host(item)
         if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
             raise ConfigError(key, f"expected host or host:port (no wildcards), got {item!r}")
         name = _host_name(key, host)

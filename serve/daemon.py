@@ -10,7 +10,7 @@
             └── serve.http.server.serve(app, …, shutdown_trigger=shutdown)   (binds, answers, drains, aborts)
 
 Shutdown (SPEC §3): the trigger fires (a signal in the CLI, `RunningDaemon.shutdown()` in tests) →
-`services.shutting_down` is set (new POSTs and handshakes get 503) → `registry.dispose()` (pending flows
+the daemon's one `Shutdown` signal is set (new POSTs and handshakes get 503) → `registry.dispose()` (pending flows
 end `cancelled`, their events are published; a credential write in flight finishes, ≤ 5 s) → the event bus
 closes (every stream drains, then closes 1001) → the trigger returns → hypercorn stops listening and drains
 requests for at most `graceful_timeout_s`, then aborts the connections still open → the store's refresher
@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,9 @@ from serve.config import Config
 from serve.credentials import CredentialStore
 from serve.events import EventBus
 from serve.http import server
-from serve.http.app import RouteSet, Services, create_app
-from serve.http.routes import DEVICE_FLOW_ROUTES
-from serve.http.stream import EVENT_STREAM
+from serve.http.app import create_app
+from serve.http.services import Services
+from serve.lifecycle import Shutdown
 from serve.providers import build_providers
 from serve.registry import DeviceFlowRegistry
 from serve.store import FileCredentialStore
@@ -48,7 +48,6 @@ log = logging.getLogger("serve.daemon")
 
 ShutdownTrigger = Callable[[], Awaitable[None]]
 
-STANDARD_ROUTES: tuple[RouteSet, ...] = (DEVICE_FLOW_ROUTES, EVENT_STREAM)
 # Outbound IdP requests: each is also bounded by the registry's cancel scopes (start/poll timeouts).
 IDP_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 # The event stream reads nothing from its peers: an inbound message larger than this is a 1009 close, so a
@@ -141,7 +140,6 @@ async def run_daemon(
     shutdown_trigger: ShutdownTrigger | None = None,
     http_transport: httpx.AsyncBaseTransport | None = None,
     credential_store: CredentialStore | None = None,
-    route_sets: Sequence[RouteSet] = STANDARD_ROUTES,
     clock: WallClock | None = None,
     audit: Audit | None = None,
     env: Mapping[str, str] | None = None,
@@ -160,7 +158,13 @@ async def run_daemon(
     """
     clock = clock or WallClock()
     env = os.environ if env is None else env
-    bus = EventBus(clock=clock, ring_size=config.events.ring_size, subscriber_queue=config.events.subscriber_queue)
+    shutdown_signal = Shutdown()
+    bus = EventBus(
+        clock=clock,
+        ring_size=config.events.ring_size,
+        subscriber_queue=config.events.subscriber_queue,
+        shutdown=shutdown_signal,
+    )
     hc = hypercorn_config(config, keep_alive_timeout_s=keep_alive_timeout_s)
     if max_connections is None:
         max_connections = server.connection_budget(server.raise_file_limit())
@@ -185,6 +189,7 @@ async def run_daemon(
                 config=config.device_flow,
                 clock=clock,
                 audit=audit or Audit(),
+                shutdown=shutdown_signal,
             )
             await nursery.start(registry.run)
             services = Services(
@@ -196,14 +201,15 @@ async def run_daemon(
                 registry=registry,
                 store=store,
                 providers=providers,
+                shutdown=shutdown_signal,
             )
-            app = create_app(services, route_sets)
+            app = create_app(services)
 
             async def shutdown() -> None:
                 await _first_of(stop.wait, *([shutdown_trigger] if shutdown_trigger is not None else []))
                 # SPEC §3 order: refuse new work, end the flows (their events go out), end the streams, then
                 # let hypercorn stop listening and drain.
-                services.shutting_down = True
+                shutdown_signal.begin()
                 await registry.dispose()
                 bus.close()
 

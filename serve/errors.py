@@ -5,7 +5,7 @@
     ├── InvalidJson                 400 invalid_json
     ├── InvalidClientId             400 invalid_client_id
     ├── InvalidRequestTarget        400 invalid_request_target (+)  an absolute-form or `*` request target
-    ├── UnsupportedProvider         400 unsupported_provider  (+ supportedProviders)
+    ├── UnsupportedProvider         400 unsupported_provider  (+ the supported providers)
     ├── Unauthorized                401 (no code, as the original)   + WWW-Authenticate: Bearer
     ├── TokenRequired               401 token_required
     ├── InvalidHost                 403 (no code)
@@ -23,12 +23,12 @@
     ConfigError      start-up only: a bad configuration key (exit 2)
     PersistError     the credential store could not write (becomes persist_failed; detail for the audit only)
 
-Messages are static or built from values the caller sent; never a token, device code, verifier or raw IdP text.
+Bodies are rendered by `serve.wire.error_body`. Messages are static or built from values the caller sent; never a token, device code, verifier or raw IdP text.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 
 class ServeError(Exception):
@@ -41,13 +41,6 @@ class ServeError(Exception):
     def __init__(self, message: str | None = None) -> None:
         self.message = message if message is not None else self.default_message
         super().__init__(self.message)
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body: `error` first, then `code` when the class has one."""
-        out: dict[str, Any] = {"error": self.message}
-        if self.code is not None:
-            out["code"] = self.code
-        return out
 
     def headers(self) -> dict[str, str]:
         return {}
@@ -86,9 +79,6 @@ class UnsupportedProvider(ServeError):
     def __init__(self, provider_id: str, supported: list[str]) -> None:
         super().__init__(f"Unsupported device-flow provider: {provider_id}")
         self.supported = list(supported)
-
-    def body(self) -> dict[str, Any]:
-        return {**super().body(), "supportedProviders": self.supported}
 
 
 class Unauthorized(ServeError):

@@ -17,6 +17,7 @@ from types import TracebackType
 import trio
 
 from serve.clock import WallClock
+from serve.lifecycle import Shutdown
 from serve.models import AuthEvent, Envelope
 from serve.wire import encode_envelope
 
@@ -94,12 +95,13 @@ class EventBus:
         ring_size: int = 1024,
         subscriber_queue: int = 256,
         epoch: str | None = None,
+        shutdown: Shutdown | None = None,
     ) -> None:
         self._clock = clock
+        self._shutdown = shutdown or Shutdown()
         self._ring: deque[tuple[int, str]] = deque(maxlen=ring_size)
         self._queue_size = subscriber_queue
         self._subscribers: set[Subscription] = set()
-        self._closed = False
         self.epoch = epoch or str(uuid.uuid4())
         self.last_event_id = 0
 
@@ -109,7 +111,8 @@ class EventBus:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """True once the daemon began to stop: no new subscriber is taken from then on."""
+        return self._shutdown.begun
 
     def publish(self, event: AuthEvent, originator_client_id: str | None = None) -> Envelope:
         """Number, stamp, encode once, keep in the ring and offer to every subscriber. Never blocks."""
@@ -126,7 +129,7 @@ class EventBus:
 
         Raises `SubscriptionClosed` once the bus is closed (the daemon is shutting down).
         """
-        if self._closed:
+        if self._shutdown.begun:
             raise SubscriptionClosed
         replay: list[str] = []
         reset = False
@@ -144,6 +147,6 @@ class EventBus:
 
     def close(self) -> None:
         """Shutdown: end every subscription (each still drains what was queued) and refuse new ones."""
-        self._closed = True
+        self._shutdown.begin()
         for subscription in list(self._subscribers):
             subscription.close()

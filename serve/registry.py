@@ -62,6 +62,7 @@ from serve.errors import (
     UpstreamError,
 )
 from serve.events import EventBus
+from serve.lifecycle import Shutdown
 from serve.models import (
     AuthEvent,
     ErrorKind,
@@ -226,6 +227,7 @@ class DeviceFlowRegistry:
         config: DeviceFlowConfig,
         clock: WallClock,
         audit: Audit,
+        shutdown: Shutdown | None = None,
     ) -> None:
         self._providers = dict(providers)
         self._store = store
@@ -239,7 +241,7 @@ class DeviceFlowRegistry:
         self._start_times: deque[float] = deque()  # fresh IdP starts within the rate window
         self._writes: set[_Persist] = set()  # credential writes still running
         self._nursery: trio.Nursery | None = None
-        self._shutting_down = False
+        self._shutdown = shutdown or Shutdown()
         self._dispose_deadline = math.inf  # busy steps end by then once dispose() has begun
         self._stopped = trio.Event()
 
@@ -247,7 +249,7 @@ class DeviceFlowRegistry:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the registry's nursery until `dispose()`. `task_status.started()` once starts are accepted."""
-        if self._nursery is not None or self._shutting_down:
+        if self._nursery is not None or self._shutdown.begun:
             raise RuntimeError("DeviceFlowRegistry.run() runs once, before dispose()")
         try:
             async with trio.open_nursery() as nursery:
@@ -256,7 +258,7 @@ class DeviceFlowRegistry:
                 task_status.started()
         finally:
             self._nursery = None
-            self._shutting_down = True
+            self._shutdown.begin()
             self._stopped.set()
 
     async def dispose(self) -> None:
@@ -266,7 +268,7 @@ class DeviceFlowRegistry:
 
         Returns once `run()` has returned. Safe to call more than once.
         """
-        self._shutting_down = True
+        self._shutdown.begin()
         deadline = min(self._dispose_deadline, self._clock.now() + SHUTDOWN_PERSIST_GRACE_S)
         self._dispose_deadline = deadline
         for attempt in list(self._starting.values()):
@@ -296,7 +298,7 @@ class DeviceFlowRegistry:
 
     @property
     def shutting_down(self) -> bool:
-        return self._shutting_down
+        return self._shutdown.begun
 
     @property
     def supported_providers(self) -> list[str]:
@@ -312,7 +314,7 @@ class DeviceFlowRegistry:
         or did not answer within start_timeout_s) or `ShuttingDown`. The IdP call runs in the registry's
         nursery, so a caller that goes away does not cancel it for the others waiting on it.
         """
-        if self._shutting_down:
+        if self._shutdown.begun:
             raise ShuttingDown
         provider = self._providers.get(provider_id)
         if provider is None:
@@ -462,7 +464,7 @@ class DeviceFlowRegistry:
                     logger.error("device-flow start for %s failed: %s", attempt.provider_id, type(exc).__name__)
                     attempt.error = UpstreamError()
             if attempt.error is None:
-                if self._shutting_down:
+                if self._shutdown.begun:
                     # dispose() ran meanwhile: no new flow; an unused device code simply expires at the IdP.
                     attempt.error = ShuttingDown()
                 elif authorization is None:

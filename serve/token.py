@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from serve.config import is_loopback_host
 from serve.errors import ConfigError
+from serve.netloc import is_loopback_host
 from serve.private_files import (
     SymlinkedDirectory,
     home_problem,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from serve.errors import ServeError, UnsupportedProvider
 from serve.models import (
     AuthEvent,
     AuthState,
@@ -214,6 +215,22 @@ def status_body(
         ],
         "supportedDeviceFlowProviders": list(supported_providers),
     }
+
+
+def error_body(error: ServeError) -> dict[str, Any]:
+    """An error's JSON body: `error` first, then `code` when the class has one, then what the class adds."""
+    out: dict[str, Any] = {"error": error.message}
+    if error.code is not None:
+        out["code"] = error.code
+    if isinstance(error, UnsupportedProvider):
+        out["supportedProviders"] = error.supported
+    return out
+
+
+def start_request_provider_id(body: object) -> str | None:
+    """The `providerId` of a POST body when it is a non-empty string, else None (`invalid_request`)."""
+    provider_id = body.get("providerId") if isinstance(body, dict) else None
+    return provider_id if isinstance(provider_id, str) and provider_id else None
 
 
 def capabilities_body(

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from support.daemon import StartDaemon
 
 from serve.config import Config, load_config
 from serve.daemon import RunningDaemon, run_daemon
 
 TOKEN = "test-token-0123456789abcdef"
-
-StartDaemon = Callable[..., AbstractAsyncContextManager[RunningDaemon]]
 
 
 def _test_config(**server: Any) -> Config:

@@ -1,9 +1,9 @@
 """The device-flow routes, the status snapshot and `/openapi.json` (SPEC §2), wire-compatible with
 `qwen serve` 0.24.4.
 
-Gates 1–5 (Host, Origin, bearer, strict, body size) have already run in `serve.http.app` before any of
-these handlers; gate 6 (`X-Qwen-Client-Id`) is checked here, at the point SPEC §2 gives: after the body
-checks on POST, after the 404 lookup on GET and DELETE.
+Gates 1–5 (Host, Origin, bearer, strict, body size) have already run in `serve.http.gates` before any
+of these handlers; gate 6 (`X-Qwen-Client-Id`) is checked here, at the point SPEC §1 gives, as the
+original orders it: after the body checks on POST, after the 404 lookup on GET, before it on DELETE.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from quart import Quart, Response, request
 
 from serve import wire
 from serve.errors import InvalidClientId, InvalidRequest, ShuttingDown, UnsupportedProvider
-from serve.http.app import RouteSet, Services, json_response, read_json_body
 from serve.http.openapi import openapi_document
+from serve.http.responses import json_response, read_json_body
+from serve.http.services import Services
 from serve.status import provider_statuses
 
 CLIENT_ID_HEADER = "X-Qwen-Client-Id"
@@ -32,20 +33,20 @@ def client_id_from_request() -> str | None:
     return value
 
 
-def _install(app: Quart, services: Services) -> None:
+def install(app: Quart, services: Services) -> None:
+    """Register the device-flow routes, the status snapshot and `/openapi.json` on `app`."""
     registry = services.registry
     workspace_cwd = str(services.workspace)
 
     @app.post("/workspace/auth/device-flow")
     async def start_device_flow() -> Response:
-        body = await read_json_body()
-        provider_id = body.get("providerId") if isinstance(body, dict) else None
-        if not isinstance(provider_id, str) or not provider_id:
+        provider_id = wire.start_request_provider_id(await read_json_body())
+        if provider_id is None:
             raise InvalidRequest
         if provider_id not in registry.supported_providers:
             raise UnsupportedProvider(provider_id, registry.supported_providers)
         client_id = client_id_from_request()
-        if services.shutting_down:
+        if services.shutdown.begun:
             # SPEC §3: once shutdown is marked, new POSTs get 503, even before the registry is disposed.
             raise ShuttingDown
         outcome = await registry.start(provider_id, client_id)
@@ -58,8 +59,10 @@ def _install(app: Quart, services: Services) -> None:
 
     @app.delete("/workspace/auth/device-flow/<device_flow_id>")
     async def cancel_device_flow(device_flow_id: str) -> Response:
-        registry.get(device_flow_id)  # 404 before the client-id check, as the original orders them
-        registry.cancel(device_flow_id, client_id_from_request())
+        # The original checks the client id before the lookup: a malformed header is 400 even for an
+        # unknown id (the official SDK throws on that 400 but treats a 404 as success).
+        client_id = client_id_from_request()
+        registry.cancel(device_flow_id, client_id)
         return Response(b"", status=204, content_type="application/json")
 
     @app.get("/workspace/auth/status")
@@ -77,7 +80,3 @@ def _install(app: Quart, services: Services) -> None:
     @app.get("/openapi.json")
     async def openapi() -> Response:
         return json_response(openapi_document())
-
-
-DEVICE_FLOW_ROUTES = RouteSet(install=_install, features=("auth_device_flow", "auth_status_providers"))
-"""The REST routes as the daemon adds them."""

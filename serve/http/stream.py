@@ -1,6 +1,6 @@
 """`WS /workspace/auth/events` (SPEC §4): the workspace's auth events, live, as JSON text frames.
 
-Gates 1–3 (Host, Origin, bearer) have already run on the handshake in `serve.http.app`'s guard. Here,
+Gates 1–3 (Host, Origin, bearer) have already run on the handshake in `serve.http.gates`. Here,
 still before the handshake is accepted, so each answer is a real HTTP response with a JSON body:
 
     shutting down                                       503 shutting_down
@@ -40,16 +40,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
 
 import trio
 from quart import Quart, Response, websocket
 
 from serve import wire
-from serve.config import EventsConfig
 from serve.errors import InvalidRequest, ShuttingDown, TooManySubscribers
 from serve.events import EventBus, SubscriberLagged, Subscription, SubscriptionClosed
-from serve.http.app import RouteSet, Services, error_response
+from serve.http.responses import error_response
+from serve.http.services import Services
 
 EVENTS_PATH = "/workspace/auth/events"
 
@@ -66,28 +65,15 @@ class _PeerStalled(Exception):
     """A frame was not written within the heartbeat period."""
 
 
-def _install(app: Quart, services: Services) -> None:
-    add_event_stream(
-        app, bus=services.bus, config=services.config.events, is_shutting_down=lambda: services.shutting_down
-    )
-
-
-EVENT_STREAM = RouteSet(install=_install, features=("workspace_auth_events",), transports=("ws-events",))
-"""The stream as the daemon adds it: `create_app(services, [..., EVENT_STREAM])`."""
-
-
-def add_event_stream(
-    app: Quart,
-    *,
-    bus: EventBus,
-    config: EventsConfig,
-    is_shutting_down: Callable[[], bool],
-) -> None:
-    """Register `WS /workspace/auth/events` on `app`, streaming `bus`."""
+def install(app: Quart, services: Services) -> None:
+    """Register `WS /workspace/auth/events` on `app`, streaming the daemon's event bus."""
+    bus = services.bus
+    config = services.config.events
+    shutdown = services.shutdown
 
     @app.websocket(EVENTS_PATH)
     async def auth_events() -> Response | None:
-        if is_shutting_down() or bus.closed:
+        if shutdown.begun:
             return error_response(ShuttingDown())
         try:
             since, epoch = _parse_query()

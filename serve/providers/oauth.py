@@ -25,8 +25,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 
-from serve.config import url_problem
 from serve.models import ErrorKind
+from serve.netloc import url_problem
 from serve.providers.base import (
     DeviceAuthorization,
     PollFailed,

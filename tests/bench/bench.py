@@ -36,8 +36,8 @@ import trio_websocket
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
-from fake_idp import FakeIdP  # noqa: E402
-from idp_server import serve_idp  # noqa: E402
+from support.fake_idp import FakeIdP  # noqa: E402
+from support.idp_server import serve_idp  # noqa: E402
 
 TOKEN = "bench-token-0123456789"
 ORIGINAL = {"cold_start_s": (1.3, 1.9), "idle_rss_mb": 171.0, "status_rps": 1677.0, "status_p99_ms": 286.0}

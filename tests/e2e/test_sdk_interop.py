@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import trio
-from idp_server import serve_idp
-from login_helpers import (
+from support.idp_server import serve_idp
+from support.login import (
     StartDaemon,
     device_reply,
     login_config,

@@ -16,17 +16,17 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import trio
 import trio_websocket
-from idp_server import serve_idp
-from login_helpers import (
+from support.daemon import StartDaemon, port_of
+from support.idp_server import serve_idp
+from support.login import (
     FLOWS_PATH,
     QWEN_TOKENS,
     bearer_headers,
@@ -43,14 +43,7 @@ from serve.daemon import RunningDaemon
 from serve.models import ErrorKind, FlowFailed, FlowStatus
 from serve.private_files import sweep_temp_files
 
-StartDaemon = Callable[..., AbstractAsyncContextManager[RunningDaemon]]
 LISTENING = re.compile(rb"^qwen-serve listening on (http://127\.0\.0\.1:(\d+)) \(workspace=.+\)\n$")
-
-
-def port_of(url: str) -> int:
-    port = urlsplit(url).port
-    assert port is not None
-    return port
 
 
 def open_sockets(pid: int) -> int:

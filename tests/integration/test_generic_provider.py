@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 import trio
-from fake_idp import FakeIdP, json_reply
-from idp_server import serve_idp
+from support.fake_idp import FakeIdP, json_reply
+from support.idp_server import serve_idp
 
 from serve.config import load_config
 

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import trio
 import trio_websocket
-from fake_idp import json_reply
-from idp_server import serve_idp
-from login_helpers import device_reply, login_config, qwen_idp
+from support.fake_idp import json_reply
+from support.idp_server import serve_idp
+from support.login import device_reply, login_config, qwen_idp
 
 
 async def test_whole_login_events_credentials_and_status(

@@ -16,9 +16,11 @@ import httpx
 import pytest
 import trio
 import trio_websocket
-from idp_server import serve_idp
 from jsonschema import Draft202012Validator
-from login_helpers import (
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+from support.idp_server import serve_idp
+from support.login import (
     CLIENT_ID_HEADER,
     EVENTS_PATH,
     FLOWS_PATH,
@@ -37,11 +39,9 @@ from login_helpers import (
     script_devices,
     ws_url,
 )
-from openapi_checker import DOC_URI, HTTP_METHODS, Checker, pointer
-from referencing import Registry
-from referencing.jsonschema import DRAFT202012
+from support.openapi_checker import DOC_URI, HTTP_METHODS, Checker, pointer
 
-from serve.daemon import STANDARD_ROUTES, RunningDaemon
+from serve.daemon import RunningDaemon
 from serve.http.app import create_app
 from serve.http.openapi import openapi_document
 
@@ -204,7 +204,7 @@ async def test_every_real_response_matches_the_document(
                     EVENTS_PATH, "GET", rejected.value.status_code, rejected.value.body or b"", "application/json"
                 )
 
-                daemon.services.shutting_down = True
+                daemon.services.shutdown.begin()
                 assert (await http.post(FLOWS_PATH, json={"providerId": "qwen-oauth"})).status_code == 503
 
     for response in recorder.responses + anonymous.responses:
@@ -217,7 +217,7 @@ async def test_every_real_response_matches_the_document(
 
 def routes_of_app(daemon: RunningDaemon) -> set[tuple[str, str]]:
     """(path template with `{}` for each variable, method) for every rule the daemon's app registers."""
-    app = create_app(daemon.services, STANDARD_ROUTES)
+    app = create_app(daemon.services)
     routes = set()
     for rule in app.url_map.iter_rules():
         template = re.sub(r"<(?:[^:>]+:)?[^>]+>", "{}", rule.rule)

@@ -22,8 +22,8 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from login_helpers import closed_port_url, login_config
-from openapi_checker import HTTP_METHODS, Checker
+from support.login import closed_port_url, login_config
+from support.openapi_checker import HTTP_METHODS, Checker
 
 from serve.daemon import RunningDaemon, run_daemon
 from serve.http.openapi import openapi_document

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import trio
 import trio_websocket
-from idp_server import serve_idp
-from login_helpers import (
+from support.idp_server import serve_idp
+from support.login import (
     CLIENT_ID_HEADER,
     FLOWS_PATH,
     StartDaemon,

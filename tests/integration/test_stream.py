@@ -16,17 +16,17 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+from support.daemon import StartDaemon
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, WebSocketConnection
 
 import serve.wire
 from serve.config import Config, load_config
 from serve.daemon import RunningDaemon
 from serve.events import EventBus
-from serve.http.stream import EVENT_STREAM, EVENTS_PATH
+from serve.http.stream import EVENTS_PATH
 from serve.models import ErrorKind, FlowCancelled, FlowFailed, FlowStarted, FlowStatus
 from serve.wire import encode_envelope
 
-StartDaemon = Callable[..., AbstractAsyncContextManager[RunningDaemon]]
 Headers = list[tuple[bytes, bytes]]
 
 # SPEC §1 / §4 bodies, copied here so the tests read nothing outside the project.
@@ -54,7 +54,7 @@ def start_stream(start_daemon: StartDaemon) -> Callable[..., AbstractAsyncContex
     """`async with start_stream(**events_keys) as daemon:` a daemon serving the event stream."""
 
     def start(**events: Any) -> AbstractAsyncContextManager[RunningDaemon]:
-        return start_daemon(stream_config(**events), route_sets=[EVENT_STREAM])
+        return start_daemon(stream_config(**events))
 
     return start
 
@@ -402,7 +402,7 @@ async def test_inbound_messages_are_ignored_and_a_client_close_frees_the_slot(
 async def test_shutdown_delivers_queued_events_then_closes_1001(start_daemon: StartDaemon, bearer: Headers) -> None:
     with trio.fail_after(5):
         async with (
-            start_daemon(stream_config(), route_sets=[EVENT_STREAM]) as daemon,
+            start_daemon(stream_config()) as daemon,
             open_stream(daemon, bearer) as ws,
         ):
             bus = bus_of(daemon)
@@ -429,7 +429,7 @@ async def test_shutdown_closes_every_stream_without_waiting_for_the_graceful_tim
             codes.append(reason.code)
 
     with trio.fail_after(10):
-        async with start_daemon(config, route_sets=[EVENT_STREAM]) as daemon, trio.open_nursery() as clients:
+        async with start_daemon(config) as daemon, trio.open_nursery() as clients:
             for _ in range(20):
                 await clients.start(subscriber, daemon)
             stopped_at = trio.current_time()
@@ -441,7 +441,7 @@ async def test_shutdown_closes_every_stream_without_waiting_for_the_graceful_tim
 
 async def test_handshake_while_shutting_down_is_503(daemon: RunningDaemon, bearer: Headers) -> None:
     with trio.fail_after(5):
-        daemon.services.shutting_down = True
+        daemon.services.shutdown.begin()
         error = await rejected(daemon, bearer)
         assert error.status_code == 503
         assert body_of(error) == SHUTTING_DOWN

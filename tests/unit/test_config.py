@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from serve.cli import build_parser, load_run_config
-from serve.config import Config, defaults_as_toml_mapping, is_loopback_host, load_config, url_problem
+from serve.config import Config, defaults_as_toml_mapping, load_config
 from serve.errors import ConfigError
+from serve.netloc import is_loopback_host, split_host, url_problem
 from serve.token import resolve_token
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "serve.toml"
@@ -228,3 +229,19 @@ def test_no_token_needs_a_loopback_bind_and_a_localhost_subdomain_is_not_one(hos
     for loopback in ("localhost", "127.0.0.1", "::1"):
         token = resolve_token(flag_token=None, token_file=None, no_token=True, host=loopback, env={}, home=tmp_path)
         assert token.token is None
+
+
+@pytest.mark.parametrize(
+    ("value", "parts"),
+    [
+        ("127.0.0.1:4170", ("127.0.0.1", "4170")),
+        ("localhost", ("localhost", None)),
+        ("[::1]:80", ("[::1]", "80")),
+        ("[::1]", ("[::1]", None)),
+        ("[::1]x", ("[::1]", "x")),
+        ("::1", ("::1", None)),
+        ("host:abc", ("host", "abc")),
+    ],
+)
+def test_split_host_is_the_one_host_port_parser(value: str, parts: tuple[str, str | None]) -> None:
+    assert split_host(value) == parts

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import httpx
 import pytest
 import trio
-from fake_idp import ABANDONED_STREAM_WARNING, EndlessStream, form_reply, json_reply, text_reply
+from support.fake_idp import ABANDONED_STREAM_WARNING, EndlessStream, form_reply, json_reply, text_reply
 
 from serve.models import ErrorKind
 from serve.providers import oauth

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 import httpx
 import pytest
 import trio
-from fake_idp import ABANDONED_STREAM_WARNING, EndlessStream, FakeIdP, json_reply, text_reply
+from support.fake_idp import ABANDONED_STREAM_WARNING, EndlessStream, FakeIdP, json_reply, text_reply
 
 from serve.config import QwenOAuthConfig
 from serve.errors import UpstreamError

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from fake_idp import ABANDONED_STREAM_WARNING, EndlessStream, FakeIdP, form_reply, json_reply
+from support.fake_idp import ABANDONED_STREAM_WARNING, EndlessStream, FakeIdP, form_reply, json_reply
 
 from serve.config import Config, Rfc8628ProviderConfig, build_config
 from serve.errors import UpstreamError

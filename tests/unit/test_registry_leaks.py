@@ -1,6 +1,6 @@
 """No device code, PKCE verifier or token ever leaves the registry (SPEC §3 "Secrets").
 
-Every way a flow can go is driven with the well-known secrets of `fakes`; then every encoded event, every
+Every way a flow can go is driven with the well-known secrets of `support.registry_fakes`; then every encoded event, every
 audit line, every log record, every exception the registry raised and every view (as the wire renders it)
 is searched for them.
 """
@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import trio
-from fakes import (
+from support.registry_fakes import (
     ACCESS_TOKEN,
     DEVICE_CODE,
     REFRESH_TOKEN,
@@ -42,7 +42,7 @@ def exposed_text(h: Harness, views: list[FlowView], errors: list[BaseException])
     for error in errors:
         texts += [str(error), repr(error), repr(error.args)]
         if isinstance(error, ServeError):
-            texts.append(wire.dumps(error.body()))
+            texts.append(wire.dumps(wire.error_body(error)))
     return texts
 
 

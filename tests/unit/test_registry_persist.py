@@ -7,7 +7,15 @@ import math
 
 import pytest
 import trio
-from fakes import EPOCH_MS, FakeProvider, FakeStore, Harness, make_authorization, open_registry, success
+from support.registry_fakes import (
+    EPOCH_MS,
+    FakeProvider,
+    FakeStore,
+    Harness,
+    make_authorization,
+    open_registry,
+    success,
+)
 from trio.testing import MockClock
 
 from serve.errors import PersistError, ShuttingDown

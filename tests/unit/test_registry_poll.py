@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import trio
-from fakes import (
+from support.registry_fakes import (
     DEVICE_CODE,
     EPOCH_MS,
     Delayed,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import trio
-from fakes import EPOCH_MS, FakeProvider, Harness, make_authorization, open_registry
+from support.registry_fakes import EPOCH_MS, FakeProvider, Harness, make_authorization, open_registry
 from trio.testing import MockClock
 
 from serve.errors import RateLimited, ShuttingDown, TooManyActiveFlows, UnsupportedProvider, UpstreamError

@@ -18,7 +18,8 @@ import httpx
 import hypercorn.config
 import hypercorn.trio
 import trio
-from fake_idp import FakeIdP
+
+from support.fake_idp import FakeIdP
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -11,7 +11,7 @@ import errno
 import json
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +19,14 @@ import httpx
 import pytest
 import trio
 import trio_websocket
-from fake_idp import FakeIdP, json_reply
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from serve.config import Config, load_config
 from serve.credentials import CommitGate, Credentials
 from serve.daemon import RunningDaemon
 from serve.store import FileCredentialStore, FileSystem
-
-StartDaemon = Callable[..., AbstractAsyncContextManager[RunningDaemon]]
+from support.daemon import StartDaemon as StartDaemon  # re-exported: many tests import it from here
+from support.fake_idp import FakeIdP, json_reply
 
 QWEN_CLIENT_ID = "f0304373b74a44d2b584a3fb70ca9e56"
 QWEN_SCOPE = "openid profile email model.completion"
