@@ -531,7 +531,13 @@ class DeviceFlowRegistry:
     # --- polling --------------------------------------------------------------------------------------
 
     async def _run_flow(self, flow: _Flow) -> None:
-        """The flow's one poller, inside the flow's cancel scope (deadline: its expiry)."""
+        """The flow's one poller, inside the flow's cancel scope (deadline: its expiry).
+
+        Finalises its own flow: a flow still pending when the task ends is ended here, `expired` once its
+        deadline passed (RFC 8628 §3.2: the device code is dead), else `cancelled` (the registry's nursery
+        was cancelled: the daemon is stopping). Every other ending went through `transition_terminal`
+        already, which makes this a no-op.
+        """
         try:
             with flow.scope:
                 await self._poll_until_done(flow)
@@ -547,9 +553,11 @@ class DeviceFlowRegistry:
                 hint=POLLER_FAILED_HINT,
                 audit_hint=f"{POLLER_FAILED_HINT} ({name})",
             )
-            return
-        # A no-op unless the scope's deadline stopped the poller: RFC 8628 §3.2, the device code is dead.
-        self.transition_terminal(flow, FlowStatus.EXPIRED, hint=EXPIRED_HINT)
+        finally:
+            if self._clock.now() >= flow.deadline:
+                self.transition_terminal(flow, FlowStatus.EXPIRED, hint=EXPIRED_HINT)
+            else:
+                self.transition_terminal(flow, FlowStatus.CANCELLED, hint=SHUTDOWN_HINT)
 
     async def _poll_until_done(self, flow: _Flow) -> None:
         config = self._config

@@ -167,7 +167,8 @@ def flow_body(view: FlowView, caller_client_id: str | None) -> dict[str, Any]:
     return out
 
 
-_CELL_STATUS = {
+# The official SDK's `DaemonAuthProviderStatus.status` for each of our auth states.
+CELL_STATUS = {
     AuthState.AUTHENTICATED: "ok",
     AuthState.EXPIRED: "warning",
     AuthState.UNAUTHENTICATED: "not_started",
@@ -183,7 +184,7 @@ def provider_cell(status: ProviderAuthStatus) -> dict[str, Any]:
     out: dict[str, Any] = {
         "kind": "auth_provider",
         "providerId": status.provider_id,
-        "status": _CELL_STATUS[status.auth_state],
+        "status": CELL_STATUS[status.auth_state],
     }
     if status.auth_state in _CELL_HINT:
         out["hint"] = _CELL_HINT[status.auth_state]

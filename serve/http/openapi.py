@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve import __version__
+from serve import __version__, wire
+from serve.models import AuthState, ErrorKind, FlowStatus
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -25,11 +26,9 @@ def _error(description: str) -> dict[str, Any]:
 
 _MS = {"type": "integer", "description": "epoch milliseconds"}
 _FLOW_ID = {"type": "string", "minLength": 1}
-_STATUS = {"type": "string", "enum": ["pending", "authorized", "expired", "error", "cancelled"]}
-_ERROR_KIND = {
-    "type": "string",
-    "enum": ["expired_token", "access_denied", "invalid_grant", "upstream_error", "persist_failed"],
-}
+# Enums come from the models (and the wire's mapping), so the document cannot drift from what is sent.
+_STATUS = {"type": "string", "enum": [status.value for status in FlowStatus]}
+_ERROR_KIND = {"type": "string", "enum": [kind.value for kind in ErrorKind]}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -117,11 +116,11 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "kind": {"const": "auth_provider"},
             "providerId": {"type": "string"},
-            "status": {"type": "string", "enum": ["ok", "warning", "not_started"]},
+            "status": {"type": "string", "enum": list(dict.fromkeys(wire.CELL_STATUS.values()))},
             "hint": {"type": "string"},
             "expiresAt": _MS,
             "accountAlias": {"type": "string"},
-            "authState": {"type": "string", "enum": ["authenticated", "expired", "unauthenticated"]},
+            "authState": {"type": "string", "enum": [state.value for state in AuthState]},
             "updatedAt": _MS,
         },
         "additionalProperties": False,

@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 
+from serve.errors import UpstreamError
 from serve.models import ErrorKind
 from serve.netloc import url_problem
 from serve.providers.base import (
@@ -282,6 +283,24 @@ def _classify_error_code(error: str, label: str, fields: Mapping[str, object]) -
     if error in _KNOWN_UPSTREAM_CODES:
         return PollFailed(ErrorKind.UPSTREAM_ERROR, f"{label} IdP returned {error}")
     return PollFailed(ErrorKind.UPSTREAM_ERROR, f"{label} IdP returned an unexpected error")
+
+
+async def request_device_authorization(
+    http: httpx.AsyncClient, request: httpx.Request, code_verifier: Secret[str] | None, *, failure: str
+) -> DeviceAuthorization:
+    """Send a device authorization request and parse its reply (RFC 8628 §3.1-3.2), for every provider.
+
+    Raises `UpstreamError(failure)` (a static message) when the IdP cannot be reached, answers too much, or
+    answers anything but a usable device authorization.
+    """
+    try:
+        reply = await send(http, request)
+    except (httpx.HTTPError, ReplyTooLarge) as exc:
+        raise UpstreamError(failure) from exc
+    authorization = parse_device_authorization(reply, code_verifier)
+    if authorization is None:
+        raise UpstreamError(failure)
+    return authorization
 
 
 async def poll_token_endpoint(

@@ -13,7 +13,6 @@ import httpx
 
 from serve.config import QWEN_OAUTH_ID, QwenOAuthConfig
 from serve.credentials import Credentials
-from serve.errors import UpstreamError
 from serve.providers import oauth
 from serve.providers.base import DeviceAuthorization, PollResult, PollSuccess
 from serve.secrets import Secret
@@ -62,14 +61,7 @@ class QwenOAuthProvider:
             },
             headers={"x-request-id": str(uuid.uuid4())},
         )
-        try:
-            reply = await oauth.send(self._http, request)
-        except (httpx.HTTPError, oauth.ReplyTooLarge) as exc:
-            raise UpstreamError(START_FAILED) from exc
-        authorization = oauth.parse_device_authorization(reply, code_verifier)
-        if authorization is None:
-            raise UpstreamError(START_FAILED)
-        return authorization
+        return await oauth.request_device_authorization(self._http, request, code_verifier, failure=START_FAILED)
 
     async def poll(self, authorization: DeviceAuthorization) -> PollResult:
         """One token request; IdP and network faults come back as `PollResult`s."""

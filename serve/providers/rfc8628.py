@@ -124,14 +124,7 @@ class Rfc8628Provider:
             )
         except _ClientSecretUnavailable as exc:
             raise UpstreamError(f"{self.provider_id}: the client secret could not be read") from exc
-        try:
-            reply = await oauth.send(self._http, request)
-        except (httpx.HTTPError, oauth.ReplyTooLarge) as exc:
-            raise UpstreamError(self._start_failed) from exc
-        authorization = oauth.parse_device_authorization(reply, code_verifier)
-        if authorization is None:
-            raise UpstreamError(self._start_failed)
-        return authorization
+        return await oauth.request_device_authorization(self._http, request, code_verifier, failure=self._start_failed)
 
     async def poll(self, authorization: DeviceAuthorization) -> PollResult:
         """One device access token request (RFC 8628 §3.4); faults come back as `PollResult`s."""
