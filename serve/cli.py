@@ -141,7 +141,17 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except ConfigError as exc:
         return fail_config(exc)
     _announce_token(token)
-    return trio.run(partial(_serve, config, token=token.token, workspace=workspace, home=home))
+    # Outside the daemon's own signal receiver (while it starts, and once the graceful shutdown finished:
+    # trio restores these handlers when it leaves), a stop signal exits at once, still with 0, rather
+    # than killing the process with the signal's default action.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda _signum, _frame: _exit_now(0))
+    try:
+        return trio.run(partial(_serve, config, token=token.token, workspace=workspace, home=home))
+    except KeyboardInterrupt:
+        # A SIGINT in the instant between the signal receiver closing and trio.run returning: trio's own
+        # handler turns it into KeyboardInterrupt. The daemon had already shut down; it was asked twice.
+        return 0
 
 
 def load_run_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:

@@ -19,9 +19,11 @@ is cancelled.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +102,24 @@ class _HypercornConfig(hypercorn.config.Config):
         return sockets
 
 
+def idp_ssl_context() -> ssl.SSLContext:
+    """The CA-verifying TLS context of every IdP client in this process, built as httpx builds it
+    (`SSL_CERT_FILE`, else `SSL_CERT_DIR`, else certifi's bundle; SPEC §5).
+
+    Cached per those two variables: loading a CA bundle costs about 30 ms, once per daemon start otherwise.
+    """
+    return _ssl_context(os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None)
+
+
+@functools.lru_cache(maxsize=4)
+def _ssl_context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
+    if cafile is not None:
+        return ssl.create_default_context(cafile=cafile)
+    if capath is not None:
+        return ssl.create_default_context(capath=capath)
+    return httpx.create_ssl_context(trust_env=False)
+
+
 def stalled_peer_timeout_s(config: Config) -> float:
     """How long a peer may accept no data before the kernel drops it: twice the heartbeat, at least 5 s.
 
@@ -123,6 +143,9 @@ def hypercorn_config(config: Config, *, keep_alive_timeout_s: float | None = Non
     hc.keyfile = server.keyfile
     hc.accesslog = None
     hc.alpn_protocols = ["http/1.1"]  # HTTP/1.1 only, over TLS too (serve.http.server)
+    # Connections waiting to be accepted (the kernel caps it at net.core.somaxconn). hypercorn's 100 drops
+    # the SYNs of a burst of clients, which then retry only after a second.
+    hc.backlog = 1024
     hc.websocket_max_message_size = WEBSOCKET_MAX_MESSAGE_BYTES
     # Our logger, so hypercorn installs no handler of its own; the CLI routes it to stderr.
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -173,7 +196,11 @@ async def run_daemon(
     # trust_env: HTTPS_PROXY, NO_PROXY and SSL_CERT_FILE apply to IdP requests (SPEC §5); redirects are never
     # followed (a redirected token request is an upstream error, not a hop).
     http = httpx.AsyncClient(
-        transport=http_transport, timeout=IDP_TIMEOUT, follow_redirects=False, trust_env=http_transport is None
+        transport=http_transport,
+        timeout=IDP_TIMEOUT,
+        follow_redirects=False,
+        trust_env=http_transport is None,
+        verify=idp_ssl_context() if http_transport is None else True,
     )
     try:
         async with http, trio.open_nursery() as nursery:

@@ -20,11 +20,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 import trio_websocket
-from support.daemon import StartDaemon, port_of
+from support.daemon import StartDaemon, loopback_client, port_of
 from support.idp_server import serve_idp
 from support.login import (
     FLOWS_PATH,
@@ -43,6 +42,7 @@ from serve.daemon import RunningDaemon
 from serve.models import ErrorKind, FlowFailed, FlowStatus
 from serve.private_files import sweep_temp_files
 
+ATTACK_TOKEN = "attack-token-3b9f"
 LISTENING = re.compile(rb"^qwen-serve listening on (http://127\.0\.0\.1:(\d+)) \(workspace=.+\)\n$")
 
 
@@ -104,7 +104,7 @@ async def test_pipelining_and_closing_leaves_no_socket_open(start_daemon: StartD
             await trio.to_thread.run_sync(pipeline_and_close, port_of(daemon.url), 200)
             left = await settle_to(lambda: open_sockets(os.getpid()), idle, within_s=10)
         assert left <= idle, f"{left - idle} sockets still open after the peers left"
-        async with httpx.AsyncClient() as client:
+        async with loopback_client() as client:
             assert (await client.get(f"{daemon.url}/health")).status_code == 200
 
 
@@ -123,7 +123,7 @@ async def daemon_process(
     config_file = tmp_path / "attack.toml"
     config_file.write_text(f"[server]\ngraceful_timeout_s = {graceful_s}\n")
     env = {k: v for k, v in os.environ.items() if k != "QWEN_SERVE_CONFIG" and not k.lower().endswith("_proxy")}
-    env.update(QWEN_HOME=str(tmp_path / "home"), QWEN_SERVER_TOKEN="attack-token", NO_PROXY="127.0.0.1")
+    env.update(QWEN_HOME=str(tmp_path / "home"), QWEN_SERVER_TOKEN=ATTACK_TOKEN, NO_PROXY="127.0.0.1")
 
     def limit_files() -> None:
         if file_limit is not None:
@@ -175,9 +175,9 @@ async def test_1100_pipelining_connections_under_a_1024_file_limit_do_not_wedge_
         await trio.sleep(0.2)
         idle = open_sockets(pid)
         with trio.fail_after(120):
-            for _ in range(11):  # 1,100 connections, 100 at a time
-                await trio.to_thread.run_sync(pipeline_and_close, port, 100, 10, 0.1)
-            async with httpx.AsyncClient(timeout=10) as client:
+            for _ in range(11):  # 1,100 connections, 100 at a time, three pipelined requests each
+                await trio.to_thread.run_sync(pipeline_and_close, port, 100, 3, 0.05)
+            async with loopback_client(timeout=10) as client:
                 assert (await client.get(f"{daemon.url}/health")).status_code == 200
             left = await settle_to(lambda: open_sockets(pid), idle, within_s=15)
         assert left <= idle, f"{left - idle} sockets still open (idle: {idle})"
@@ -259,20 +259,23 @@ async def test_prior_knowledge_http2_is_not_spoken(daemon: RunningDaemon) -> Non
     assert received.startswith(b"HTTP/1.1 4"), received
 
 
-async def stall_with_pipelined_requests(port: int, requests: int = 20_000) -> trio.SocketStream:
-    """A peer that sends many pipelined requests and never reads: the server's writes back up."""
+async def stall_with_pipelined_requests(port: int, token: str) -> trio.SocketStream:
+    """A peer that pipelines requests for a large body and never reads: the server's writes soon block."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    burst = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode() * requests
-    with trio.move_on_after(2):  # the server stops reading once its writes block: so do we
-        await stream.send_all(burst)
+    request = f"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    with trio.move_on_after(1):  # the server stops reading once its writes block: so do we
+        await stream.send_all(request.encode() * 2000)
+    await trio.sleep(0.5)  # let the server answer until its writes are stuck (~250 answers of ~10 KB)
     return stream
 
 
-async def test_shutdown_is_bounded_with_a_pipelining_peer_that_never_reads(start_daemon: StartDaemon) -> None:
+async def test_shutdown_is_bounded_with_a_pipelining_peer_that_never_reads(
+    start_daemon: StartDaemon, token: str
+) -> None:
     # Measured 27 s before: hypercorn's shielded write to this peer held the drain.
     async with start_daemon() as daemon:
-        stream = await stall_with_pipelined_requests(port_of(daemon.url))
+        stream = await stall_with_pipelined_requests(port_of(daemon.url), token)
         started = trio.current_time()
         with trio.fail_after(10):
             daemon.shutdown()
@@ -313,7 +316,7 @@ async def test_shutdown_is_bounded_with_a_websocket_peer_that_never_reads(
 
 async def test_sigterm_exits_promptly_with_a_stalled_peer(tmp_path: Path) -> None:
     async with daemon_process(tmp_path) as daemon:
-        stream = await stall_with_pipelined_requests(port_of(daemon.url))
+        stream = await stall_with_pipelined_requests(port_of(daemon.url), ATTACK_TOKEN)
         started = trio.current_time()
         daemon.process.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
@@ -327,7 +330,7 @@ async def test_sigterm_exits_promptly_with_a_stalled_peer(tmp_path: Path) -> Non
 async def test_a_second_signal_exits_at_once_with_0(tmp_path: Path) -> None:
     # A 30 s graceful phase with a stalled peer: the first SIGTERM would wait it out; the second must not.
     async with daemon_process(tmp_path, graceful_s=30) as daemon:
-        stream = await stall_with_pipelined_requests(port_of(daemon.url))
+        stream = await stall_with_pipelined_requests(port_of(daemon.url), ATTACK_TOKEN)
         daemon.process.send_signal(signal.SIGINT)
         await trio.sleep(0.05)
         started = trio.current_time()
@@ -479,7 +482,7 @@ async def test_a_grant_held_by_the_idp_survives_a_delete_or_shutdown_meanwhile(
             idp.device_replies.append(device_reply(served.url))
             async with (
                 start_daemon(login_config(served.url)) as daemon,
-                httpx.AsyncClient(base_url=daemon.url, headers=auth) as client,
+                loopback_client(base_url=daemon.url, headers=auth) as client,
             ):
                 started = await client.post(FLOWS_PATH, json={"providerId": "qwen-oauth"})
                 assert started.status_code == 201

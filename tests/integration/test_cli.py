@@ -12,9 +12,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
+from support.daemon import loopback_client
 
 from serve import __version__
 from serve.cli import main
@@ -86,7 +86,7 @@ async def test_run_prints_the_listening_line_serves_and_exits_0_on_a_signal(
         assert shown_workspace == resolved_workspace
 
         token = (qwen_home / "serve" / "token").read_text().strip()
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with loopback_client(base_url=url) as client:
             with trio.fail_after(5):
                 assert (await client.get("/health")).json() == {"status": "ok"}
                 assert (await client.get("/capabilities")).status_code == 401

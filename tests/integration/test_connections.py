@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 import trio
-from support.daemon import StartDaemon
+from support.daemon import StartDaemon, loopback_client
 
 from serve.config import Config
 from serve.daemon import RunningDaemon
@@ -69,7 +68,7 @@ async def test_the_connection_closes_after_a_route_answers_before_the_body(daemo
 async def test_a_pooled_client_goes_on_after_an_early_answer(
     daemon: RunningDaemon, auth: dict[str, str], method: str, path: str, status: int
 ) -> None:
-    async with httpx.AsyncClient(base_url=daemon.url) as client:
+    async with loopback_client(base_url=daemon.url) as client:
         with trio.fail_after(5):
             headers = auth if status != 401 else {}
             rejected = await client.request(method, path, content=b'{"providerId":"x"}' * 3000, headers=headers)
@@ -97,7 +96,7 @@ async def test_shutdown_does_not_wait_for_an_idle_keep_alive_connection(
     start_daemon: StartDaemon, make_config: Callable[..., Config], auth: dict[str, str]
 ) -> None:
     config = make_config(graceful_timeout_s=10)
-    async with httpx.AsyncClient() as client:
+    async with loopback_client() as client:
         with trio.fail_after(15):
             async with start_daemon(config) as daemon:
                 assert (await client.get(f"{daemon.url}/capabilities", headers=auth)).status_code == 200

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio_websocket
 from quart import Quart, Response
-from support.daemon import IN_MEMORY_HOST, StartDaemon, app_for, in_memory, port_of
+from support.daemon import IN_MEMORY_HOST, StartDaemon, app_for, in_memory, loopback_client, port_of
 
 from serve import __version__
 from serve.config import Config
@@ -39,7 +39,7 @@ STRICT = "/workspace/auth/device-flow"
 
 @pytest.fixture
 async def client(daemon: RunningDaemon) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=daemon.url) as c:
+    async with loopback_client(base_url=daemon.url) as c:
         yield c
 
 
@@ -82,7 +82,7 @@ async def test_extra_hosts_are_accepted(
 ) -> None:
     config = make_config(extra_hosts=["box.example", "other.example:8443"])
     with trio.fail_after(10):
-        async with start_daemon(config) as daemon, httpx.AsyncClient(base_url=daemon.url) as c:
+        async with start_daemon(config) as daemon, loopback_client(base_url=daemon.url) as c:
             for host, status in [
                 ("box.example:1234", 200),
                 ("other.example:8443", 200),
@@ -117,7 +117,7 @@ async def test_allow_origins_pass(
 ) -> None:
     config = make_config(allow_origins=["https://app.example"])
     with trio.fail_after(10):
-        async with start_daemon(config) as daemon, httpx.AsyncClient(base_url=daemon.url) as c:
+        async with start_daemon(config) as daemon, loopback_client(base_url=daemon.url) as c:
             assert (await c.get("/capabilities", headers={**auth, "Origin": "https://app.example"})).status_code == 200
             assert (await c.get("/capabilities", headers={**auth, "Origin": "https://app2.example"})).status_code == 403
 
@@ -174,7 +174,7 @@ async def test_a_non_ascii_token_is_compared_as_bytes(
 ) -> None:
     secret = "tökén-☃-0123456789".encode()
     with trio.fail_after(10):
-        async with start_daemon(token=secret) as daemon, httpx.AsyncClient(base_url=daemon.url) as c:
+        async with start_daemon(token=secret) as daemon, loopback_client(base_url=daemon.url) as c:
             assert (await c.get("/capabilities", headers={"Authorization": b"Bearer " + secret})).status_code == 200
             wrong = "Bearer tökén-☃-0123456789x".encode()
             assert_json(await c.get("/capabilities", headers={"Authorization": wrong}), 401, UNAUTHORIZED)
@@ -218,7 +218,7 @@ async def tokenless(start_daemon: StartDaemon) -> AsyncIterator[RunningDaemon]:
 async def test_strict_routes_need_a_configured_token_even_before_they_exist(
     tokenless: RunningDaemon, method: str, path: str
 ) -> None:
-    async with httpx.AsyncClient(base_url=tokenless.url) as c:
+    async with loopback_client(base_url=tokenless.url) as c:
         with trio.fail_after(5):
             response = await c.request(method, path, json={"providerId": "qwen-oauth"})
     assert_json(response, 401, TOKEN_REQUIRED)
@@ -236,7 +236,7 @@ async def test_the_strict_gate_is_not_fooled_by_doubled_slashes(tokenless: Runni
 
 
 async def test_tokenless_reads_are_not_strict(tokenless: RunningDaemon) -> None:
-    async with httpx.AsyncClient(base_url=tokenless.url) as c:
+    async with loopback_client(base_url=tokenless.url) as c:
         with trio.fail_after(5):
             assert_json(
                 await c.get(f"{STRICT}/abc"),
@@ -362,7 +362,7 @@ async def test_a_chunked_body_over_the_limit_is_413(
             raw, _ = await raw_exchange(daemon, head + chunks)
             status, _, body = parse_response(raw)
             assert (status, json.loads(body)) == (413, TOO_LARGE)
-            async with httpx.AsyncClient(base_url=daemon.url) as c:
+            async with loopback_client(base_url=daemon.url) as c:
                 small = await c.post(STRICT, json={"providerId": 1}, headers=auth)
                 assert small.status_code == 400  # read and parsed: invalid_request
 

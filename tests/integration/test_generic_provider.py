@@ -15,8 +15,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
+from support.daemon import loopback_client
 from support.fake_idp import FakeIdP, json_reply
 from support.idp_server import serve_idp
 
@@ -95,7 +95,7 @@ scope = "openid profile"
             config = load_config([conf])
             async with (
                 start_daemon(config, env={"KEYCLOAK_SECRET": "s3cret-value"}) as daemon,
-                httpx.AsyncClient(base_url=daemon.url, headers=auth) as client,
+                loopback_client(base_url=daemon.url, headers=auth) as client,
             ):
                 status = (await client.get("/workspace/auth/status")).json()
                 assert status["supportedDeviceFlowProviders"] == ["keycloak"]

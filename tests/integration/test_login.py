@@ -12,9 +12,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
 import trio_websocket
+from support.daemon import loopback_client
 from support.fake_idp import json_reply
 from support.idp_server import serve_idp
 from support.login import device_reply, login_config, qwen_idp
@@ -45,7 +45,7 @@ async def test_whole_login_events_credentials_and_status(
             async with start_daemon(login_config(served.url)) as daemon:
                 ws_url = daemon.url.replace("http://", "ws://") + "/workspace/auth/events"
                 async with (
-                    httpx.AsyncClient(base_url=daemon.url, headers=auth) as client,
+                    loopback_client(base_url=daemon.url, headers=auth) as client,
                     trio_websocket.open_websocket_url(ws_url, extra_headers=list(auth.items())) as ws,
                 ):
                     hello = json.loads(await ws.get_message())

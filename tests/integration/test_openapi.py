@@ -12,13 +12,13 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 import trio
 import trio_websocket
 from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
+from support.daemon import loopback_client
 from support.idp_server import serve_idp
 from support.login import (
     CLIENT_ID_HEADER,
@@ -53,7 +53,7 @@ async def daemon(start_daemon: StartDaemon) -> AsyncIterator[RunningDaemon]:
 
 
 async def fetch_document(daemon: RunningDaemon, auth: dict[str, str]) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=daemon.url) as http:
+    async with loopback_client(base_url=daemon.url) as http:
         assert (await http.get("/openapi.json")).status_code == 401, "behind the bearer"
         response = await http.get("/openapi.json", headers=auth)
     assert response.status_code == 200

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl
 import httpx
 import pytest
 import trio
+from support.daemon import loopback_client
 from support.fake_idp import FakeIdP
 from support.idp_server import ServedIdP, serve_idp
 from support.login import (
@@ -161,7 +162,7 @@ async def offline(start_daemon: StartDaemon, offline_idp_url: str) -> AsyncItera
 
 @pytest.fixture
 async def client(offline: RunningDaemon, auth: dict[str, str]) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=offline.url, headers=auth) as http:
+    async with loopback_client(base_url=offline.url, headers=auth) as http:
         yield http
 
 
@@ -272,7 +273,7 @@ async def test_delete_checks_the_client_id_before_the_lookup(client: httpx.Async
 async def test_an_unreachable_idp_is_502_and_frees_the_slot(start_daemon: StartDaemon, auth: dict[str, str]) -> None:
     config = login_config(closed_port_url(), max_active=1)
     with trio.fail_after(10):
-        async with start_daemon(config) as daemon, httpx.AsyncClient(base_url=daemon.url, headers=auth) as http:
+        async with start_daemon(config) as daemon, loopback_client(base_url=daemon.url, headers=auth) as http:
             for _ in range(2):  # the failed start holds no cap slot: the second is a 502 again, not a 409
                 assert_json_error(await http.post(FLOWS_PATH, json=QWEN), 502, QWEN_UPSTREAM)
             status = (await http.get(STATUS_PATH)).json()
@@ -288,7 +289,7 @@ async def test_an_idp_that_never_answers_is_502_after_the_start_timeout(
         port = listeners[0].socket.getsockname()[1]
         try:
             config = login_config(f"http://127.0.0.1:{port}", start_timeout_s=0.3)
-            async with start_daemon(config) as daemon, httpx.AsyncClient(base_url=daemon.url, headers=auth) as http:
+            async with start_daemon(config) as daemon, loopback_client(base_url=daemon.url, headers=auth) as http:
                 assert_json_error(await http.post(FLOWS_PATH, json=QWEN), 502, START_TIMEOUT)
         finally:
             for listener in listeners:
@@ -302,7 +303,7 @@ async def test_the_cap_answers_409_with_retry_after(start_daemon: StartDaemon, a
     with trio.fail_after(10):
         async with serve_idp(qwen) as served_qwen, serve_idp(acme):
             config = login_config(served_qwen.url, max_active=1, providers={"acme": generic_provider(acme)})
-            async with start_daemon(config) as daemon, httpx.AsyncClient(base_url=daemon.url, headers=auth) as http:
+            async with start_daemon(config) as daemon, loopback_client(base_url=daemon.url, headers=auth) as http:
                 first = await http.post(FLOWS_PATH, json=QWEN)
                 assert first.status_code == 201
                 refused = await http.post(FLOWS_PATH, json={"providerId": "acme"})
@@ -339,7 +340,7 @@ async def test_a_start_in_flight_holds_a_cap_slot(start_daemon: StartDaemon, aut
                     start_timeout_s=1,
                     providers={"acme": generic_provider(acme)},
                 )
-                async with start_daemon(config) as daemon, httpx.AsyncClient(base_url=daemon.url, headers=auth) as http:
+                async with start_daemon(config) as daemon, loopback_client(base_url=daemon.url, headers=auth) as http:
                     hung: list[httpx.Response] = []
 
                     async def start_qwen() -> None:
@@ -371,7 +372,7 @@ async def test_the_default_cap_is_four_and_retry_after_names_the_earliest_deadli
             providers = {name: generic_provider(shared) for name in names}
             config = login_config(served_qwen.url, providers=providers)
             assert config.device_flow.max_active == 4
-            async with start_daemon(config) as daemon, httpx.AsyncClient(base_url=daemon.url, headers=auth) as http:
+            async with start_daemon(config) as daemon, loopback_client(base_url=daemon.url, headers=auth) as http:
                 for name in names:
                     response = await http.post(FLOWS_PATH, json={"providerId": name})
                     assert response.status_code == 201, response.text
@@ -389,7 +390,7 @@ async def test_the_start_rate_answers_429_with_retry_after(start_daemon: StartDa
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp, max_starts_per_minute=2) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
         ):
             for _ in range(2):
                 started = await http.post(FLOWS_PATH, json=QWEN)
@@ -419,7 +420,7 @@ async def test_post_during_shutdown_while_a_write_is_in_flight_is_503_and_the_wr
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp, daemon_kwargs={"credential_store": store}) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
         ):
             flow_id = (await http.post(FLOWS_PATH, json=QWEN)).json()["deviceFlowId"]
             await store.entered.wait()
@@ -450,7 +451,7 @@ async def test_initiator_rules_on_post_and_get(
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp, daemon_kwargs={"audit": Audit(lines.append)}) as (served, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
         ):
             verify = verification(served.url)
             first = await http.post(FLOWS_PATH, json=QWEN, headers=client_id(initiator))
@@ -509,7 +510,7 @@ async def test_get_pending_before_and_after_the_first_poll(start_daemon: StartDa
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp) as (served, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
         ):
             started = (await http.post(FLOWS_PATH, json=QWEN)).json()
             flow_id, expires_at = started["deviceFlowId"], started["expiresAt"]
@@ -531,7 +532,7 @@ async def test_get_authorized_and_delete_leaves_it_authorized(start_daemon: Star
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
             open_events(daemon, auth) as ws,
         ):
             flow_id = (await http.post(FLOWS_PATH, json=QWEN)).json()["deviceFlowId"]
@@ -556,7 +557,7 @@ async def test_get_error_access_denied(start_daemon: StartDaemon, auth: dict[str
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
             open_events(daemon, auth) as ws,
         ):
             flow_id = (await http.post(FLOWS_PATH, json=QWEN)).json()["deviceFlowId"]
@@ -583,7 +584,7 @@ async def test_get_expired_when_the_idp_says_expired_token(start_daemon: StartDa
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
             open_events(daemon, auth) as ws,
         ):
             flow_id = (await http.post(FLOWS_PATH, json=QWEN, headers=client_id(A))).json()["deviceFlowId"]
@@ -611,7 +612,7 @@ async def test_get_expired_at_the_flows_deadline(start_daemon: StartDaemon, auth
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp, min_expires_in_s=0.3) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
             open_events(daemon, auth) as ws,
         ):
             started = (await http.post(FLOWS_PATH, json=QWEN)).json()
@@ -646,7 +647,7 @@ async def test_cancel_a_pending_flow(start_daemon: StartDaemon, auth: dict[str, 
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
             open_events(daemon, auth) as ws,
         ):
             flow_id = (await http.post(FLOWS_PATH, json=QWEN, headers=client_id(A))).json()["deviceFlowId"]
@@ -690,7 +691,7 @@ async def test_an_existing_flow_with_a_bad_client_id_is_400(start_daemon: StartD
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
         ):
             flow_id = (await http.post(FLOWS_PATH, json=QWEN)).json()["deviceFlowId"]
             assert_json_error(await http.get(f"{FLOWS_PATH}/{flow_id}", headers=bad), 400, INVALID_CLIENT_ID)
@@ -707,7 +708,7 @@ async def test_delete_during_the_credential_write_defers_and_authorized_wins(
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp, daemon_kwargs={"credential_store": store}) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
             open_events(daemon, auth) as ws,
         ):
             flow_id = (await http.post(FLOWS_PATH, json=QWEN)).json()["deviceFlowId"]
@@ -739,7 +740,7 @@ async def test_delete_during_a_credential_write_that_fails_ends_cancelled(
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp, daemon_kwargs={"credential_store": store}) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
             open_events(daemon, auth) as ws,
         ):
             flow_id = (await http.post(FLOWS_PATH, json=QWEN, headers=client_id(A))).json()["deviceFlowId"]
@@ -776,7 +777,7 @@ async def test_a_credential_write_that_fails_without_a_cancel_is_persist_failed(
                 _,
                 daemon,
             ),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
             open_events(daemon, auth) as ws,
         ):
             flow_id = (await http.post(FLOWS_PATH, json=QWEN)).json()["deviceFlowId"]
@@ -809,7 +810,7 @@ async def test_status_while_pending(start_daemon: StartDaemon, auth: dict[str, s
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
         ):
             empty = await http.get(STATUS_PATH)
             not_started = (
@@ -840,7 +841,7 @@ async def test_status_after_a_login(
     with trio.fail_after(10):
         async with (
             qwen_daemon(start_daemon, idp) as (_, daemon),
-            httpx.AsyncClient(base_url=daemon.url, headers=auth) as http,
+            loopback_client(base_url=daemon.url, headers=auth) as http,
             open_events(daemon, auth) as ws,
         ):
             await http.post(FLOWS_PATH, json=QWEN)
@@ -931,7 +932,7 @@ async def test_concurrent_posts_coalesce_on_one_idp_start(start_daemon: StartDae
     async with qwen_daemon(start_daemon, idp) as (served, daemon):
         served.device_delay_s = 0.5  # hold the start open so every POST arrives while it is in flight
         answers: list[httpx.Response] = []
-        async with httpx.AsyncClient(base_url=daemon.url, headers=auth) as http:
+        async with loopback_client(base_url=daemon.url, headers=auth) as http:
 
             async def post(n: int) -> None:
                 headers = {} if n == 0 else {"X-Qwen-Client-Id": f"client-{n}"}

@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import trio
 import trio_websocket
+from support.daemon import loopback_client
 from support.idp_server import serve_idp
 from support.login import (
     CLIENT_ID_HEADER,
@@ -73,7 +73,7 @@ async def test_shutdown_cancels_pending_flows_then_closes_every_subscriber_1001(
                 async with trio.open_nursery() as clients:
                     for _ in range(3):
                         await clients.start(subscriber, daemon)
-                    async with httpx.AsyncClient(base_url=daemon.url, headers=auth) as http:
+                    async with loopback_client(base_url=daemon.url, headers=auth) as http:
                         for provider_id, headers in (("qwen-oauth", {CLIENT_ID_HEADER: "cli-A"}), ("acme", {})):
                             response = await http.post(FLOWS_PATH, json={"providerId": provider_id}, headers=headers)
                             assert response.status_code == 201
@@ -167,7 +167,7 @@ async def test_sigterm_cancels_the_pending_flow_closes_1001_and_exits_0(
                     ws_url = url.replace("http://", "ws://") + "/workspace/auth/events"
                     async with (
                         trio_websocket.open_websocket_url(ws_url, extra_headers=bearer_headers(auth)) as ws,
-                        httpx.AsyncClient(base_url=url, headers=auth) as http,
+                        loopback_client(base_url=url, headers=auth) as http,
                     ):
                         assert (await next_frame(ws))["type"] == "hello"
                         response = await http.post(FLOWS_PATH, json={"providerId": "qwen-oauth"})

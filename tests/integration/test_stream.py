@@ -12,11 +12,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 import trio
 import trio_websocket
-from support.daemon import StartDaemon
+from support.daemon import StartDaemon, loopback_client
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, WebSocketConnection
 
 import serve.wire
@@ -177,7 +176,7 @@ async def test_since_must_be_a_non_negative_integer(daemon: RunningDaemon, beare
 
 async def test_capabilities_list_the_stream(daemon: RunningDaemon, token: str) -> None:
     with trio.fail_after(5):
-        async with httpx.AsyncClient(base_url=daemon.url, headers={"Authorization": f"Bearer {token}"}) as client:
+        async with loopback_client(base_url=daemon.url, headers={"Authorization": f"Bearer {token}"}) as client:
             body = (await client.get("/capabilities")).json()
     assert "workspace_auth_events" in body["features"]
     assert "ws-events" in body["transports"]

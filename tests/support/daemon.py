@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -85,3 +86,9 @@ async def in_memory(app: QuartTrio) -> AsyncIterator[TestClientProtocol]:
     """Quart's test client for `app`, inside the app's lifespan."""
     async with app.test_app() as running:
         yield running.test_client()
+
+
+def loopback_client(**kwargs: Any) -> httpx.AsyncClient:
+    """An httpx client for a daemon on 127.0.0.1: plain HTTP, so no TLS context (loading the CA bundle
+    costs ~30 ms per client, a third of the suite's CPU when every test built one)."""
+    return httpx.AsyncClient(verify=False, **kwargs)

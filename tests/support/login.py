@@ -26,6 +26,7 @@ from serve.credentials import CommitGate, Credentials
 from serve.daemon import RunningDaemon
 from serve.store import FileCredentialStore, FileSystem
 from support.daemon import StartDaemon as StartDaemon  # re-exported: many tests import it from here
+from support.daemon import loopback_client
 from support.fake_idp import FakeIdP, json_reply
 
 QWEN_CLIENT_ID = "f0304373b74a44d2b584a3fb70ca9e56"
@@ -184,7 +185,7 @@ class Recorder:
         self.responses.append(response)
 
     def client(self, daemon: RunningDaemon, headers: Mapping[str, str]) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=daemon.url, headers=dict(headers), event_hooks={"response": [self._hook]})
+        return loopback_client(base_url=daemon.url, headers=dict(headers), event_hooks={"response": [self._hook]})
 
 
 def bearer_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
