@@ -1,8 +1,14 @@
-"""Sessions: `nox` runs tests, lint and typecheck; `nox -s bench` prints benchmark figures."""
+"""Sessions: `nox` runs tests, lint and typecheck; `nox -s bench` prints benchmark figures.
+
+Every package is installed at the version `conf/constraints.txt` pins (regenerate it with the command at its
+top); `pyproject.toml` carries only lower bounds.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import nox
 
@@ -14,16 +20,37 @@ nox.options.reuse_existing_virtualenvs = True
 os.environ.setdefault("UV_COMPILE_BYTECODE", "1")
 
 CONSTRAINTS = ("-c", "conf/constraints.txt")
+E2E = Path("tests/e2e")
+# Written after `npm ci`: the lock file's digest, so an unchanged lock skips the reinstall.
+NPM_STAMP = E2E / "node_modules" / ".qwen-serve-lock.sha256"
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite (unit, integration, end to end) against the pinned versions."""
+    """The whole test suite (unit, integration, end to end) against the pinned versions, with coverage.
+
+    Arguments after `--` go to pytest (then the coverage floor is not enforced: a subset covers less).
+    """
     session.install(*CONSTRAINTS, "-e", ".[test]")
-    # The official TypeScript SDK for tests/e2e, exactly as tests/e2e/package-lock.json pins it (peer-only
-    # packages, TypeScript itself, are not needed at run time).
-    session.run("npm", "ci", "--prefix", "tests/e2e", "--no-audit", "--no-fund", "--omit=peer", external=True)
-    session.run("pytest", *session.posargs)
+    _install_e2e_packages(session)
+    # One absolute data file, so the daemons that tests start as subprocesses (any cwd) report there too.
+    env = {"COVERAGE_FILE": str(Path(".coverage").absolute())}
+    session.run("coverage", "erase", env=env)
+    session.run("coverage", "run", "-m", "pytest", *session.posargs, env=env)
+    session.run("coverage", "combine", "--quiet", env=env)
+    if not session.posargs:
+        session.run("coverage", "report", env=env)
+
+
+def _install_e2e_packages(session: nox.Session) -> None:
+    """The official TypeScript SDK for tests/e2e, exactly as tests/e2e/package-lock.json pins it (peer-only
+    packages, TypeScript itself, are not needed at run time); skipped when node_modules matches the lock."""
+    digest = hashlib.sha256((E2E / "package-lock.json").read_bytes()).hexdigest()
+    if NPM_STAMP.is_file() and NPM_STAMP.read_text().strip() == digest:
+        session.log("tests/e2e/node_modules matches package-lock.json: npm ci skipped")
+        return
+    session.run("npm", "ci", "--prefix", str(E2E), "--no-audit", "--no-fund", "--omit=peer", external=True)
+    NPM_STAMP.write_text(digest + "\n")
 
 
 @nox.session
@@ -35,8 +62,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install(*CONSTRAINTS, "-e", ".", "mypy")
-    session.run("mypy", "serve")
+    """mypy --strict over the daemon and its tests (tests/ is on MYPYPATH, as on pytest's pythonpath)."""
+    session.install(*CONSTRAINTS, "-e", ".[test]", "mypy", "types-jsonschema")
+    session.run("mypy", "serve", "tests", env={"MYPYPATH": "tests"})
 
 
 @nox.session

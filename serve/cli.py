@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from serve import __version__
-from serve.config import Config, load_config
+from serve.config import DEFAULTS_FILE, Config, config_layers, effective_config_toml, load_config
 from serve.errors import ConfigError
 from serve.token import ResolvedToken, qwen_home, resolve_token
 
@@ -99,15 +99,20 @@ def setup_logging(level: str) -> None:
 # --- run ----------------------------------------------------------------------------------------------
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape the configuration, shared by `run` and `config`."""
     parser.add_argument(
         "--config",
         metavar="PATH",
-        help=f"a TOML file layered over the defaults (conf/serve.toml); default: ${CONFIG_ENV} if set",
+        help=f"a TOML file layered over the defaults (`qwen-serve config --defaults`); default: ${CONFIG_ENV} if set",
     )
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port to bind; 0 picks a free one (default 4170)")
     parser.add_argument("--workspace", metavar="DIR", help="the workspace this daemon serves (default: cwd)")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
     token = parser.add_mutually_exclusive_group()
     token.add_argument("--token", metavar="T", help="the bearer token clients must send (beats QWEN_SERVER_TOKEN)")
     token.add_argument(
@@ -154,9 +159,12 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return 0
 
 
-def load_run_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
-    """Defaults → `--config` (or `$QWEN_SERVE_CONFIG`) → environment → the `run` flags."""
+def _config_files(args: argparse.Namespace, env: Mapping[str, str]) -> list[Path]:
     path = args.config or env.get(CONFIG_ENV) or None
+    return [Path(path)] if path else []
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     server: dict[str, Any] = {}
     if args.host is not None:
         server["host"] = args.host
@@ -166,7 +174,36 @@ def load_run_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
         server["workspace"] = args.workspace
     if args.token_file is not None:
         server["token_file"] = args.token_file
-    return load_config([Path(path)] if path else [], env=env, overrides={"server": server} if server else None)
+    return {"server": server} if server else {}
+
+
+def load_run_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
+    """Defaults → `--config` (or `$QWEN_SERVE_CONFIG`) → environment → the `run` flags."""
+    return load_config(_config_files(args, env), env=env, overrides=_flag_overrides(args) or None)
+
+
+# --- config ---------------------------------------------------------------------------------------------
+
+
+def _add_config_command_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument("--token-file", metavar="F", help="as for `run` (shown as the source of server.token_file)")
+    parser.add_argument("--defaults", action="store_true", help="print every key with its default, commented, and exit")
+
+
+def _config(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    if args.defaults:
+        sys.stdout.write(DEFAULTS_FILE.read_text(encoding="utf-8"))
+        return 0
+    try:
+        files = _config_files(args, env)
+        overrides = _flag_overrides(args)
+        load_config(files, env=env, overrides=overrides or None)  # the same validation as `run`: exit 2
+        layers = config_layers(files, env=env, overrides=overrides, override_source="flag")
+    except ConfigError as exc:
+        return fail_config(exc)
+    sys.stdout.write(effective_config_toml(layers))
+    return 0
 
 
 def _workspace(config: Config) -> Path:
@@ -265,7 +302,8 @@ environment:
   HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE apply to requests to identity providers
 
 A non-loopback --host needs a token and should use TLS ([server] certfile/keyfile). Every key and its
-default is in conf/serve.toml.
+default is printed, commented, by `qwen-serve config --defaults`; `qwen-serve config` shows the
+configuration a run would use and where each value comes from.
 
 output and exit codes:
   stdout gets exactly one line once bound: `qwen-serve listening on URL (workspace=DIR)`; logs and audit
@@ -277,6 +315,13 @@ example:
   qwen-serve run --port 0 --workspace ~/src/project --config ~/.config/qwen-serve.toml
 """
 
+CONFIG_EPILOG = """\
+Prints TOML that `--config` accepts: the defaults, then the file from --config or $QWEN_SERVE_CONFIG,
+then the environment ($QWEN_OAUTH_BASE_URL), then these flags; after each value, where it came from.
+Values of keys named like a secret are elided (client secrets are never inline: only the names of the
+variable or file that hold them appear). Exit 2 with one line for a bad key, as `run` would.
+"""
+
 COMMANDS: list[Command] = [
     Command(
         name="run",
@@ -285,5 +330,13 @@ COMMANDS: list[Command] = [
         epilog=RUN_EPILOG,
         add_arguments=_add_run_arguments,
         run=_run,
+    ),
+    Command(
+        name="config",
+        help="print the configuration a run would use, and where each value comes from",
+        description="Print the effective configuration as TOML (or, with --defaults, every default, commented).",
+        epilog=CONFIG_EPILOG,
+        add_arguments=_add_config_command_arguments,
+        run=_config,
     ),
 ]

@@ -1,6 +1,6 @@
 """Configuration (SPEC §7): frozen dataclasses, and a loader that layers TOML files, environment and flags.
 
-Order, later wins: the defaults below (which `conf/serve.toml` repeats, commented; a test keeps the two
+Order, later wins: the defaults below (which `serve/defaults.toml` repeats, commented; a test keeps the two
 equal) → each `--config` / `QWEN_SERVE_CONFIG` file (tables merge key by key) → environment variables →
 command-line flags. Every key is validated; a bad one raises `ConfigError` naming it (the CLI exits 2).
 """
@@ -8,6 +8,7 @@ command-line flags. Every key is validated; a bad one raises `ConfigError` namin
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import re
@@ -388,17 +389,97 @@ def load_config(
 ) -> Config:
     """Defaults → files → environment → `overrides` (the flags, TOML-shaped: `{"server": {"port": 0}}`)."""
     raw: dict[str, Any] = {}
-    for path in files:
-        raw = merge(raw, read_toml(path))
-    env = env or {}
-    if env.get("QWEN_OAUTH_BASE_URL"):
-        raw = merge(raw, {"providers": {QWEN_OAUTH_ID: {"base_url": env["QWEN_OAUTH_BASE_URL"]}}})
-    raw = merge(raw, overrides or {})
+    for _source, layer in config_layers(files, env=env, overrides=overrides)[1:]:  # the code holds the defaults
+        raw = merge(raw, layer)
     return build_config(raw)
 
 
+DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
+"""Every key with its default, commented: shipped in the package (`conf/serve.toml` links to it)."""
+
+
+def config_layers(
+    files: Sequence[Path] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    override_source: str = "command line",
+) -> list[tuple[str, dict[str, Any]]]:
+    """The layers `load_config` merges, each with where it came from: defaults, files, environment, flags."""
+    layers: list[tuple[str, dict[str, Any]]] = [("default", defaults_as_toml_mapping())]
+    for path in files:
+        layers.append((str(path), read_toml(path)))
+    env = env or {}
+    if env.get("QWEN_OAUTH_BASE_URL"):
+        layers.append(
+            ("$QWEN_OAUTH_BASE_URL", {"providers": {QWEN_OAUTH_ID: {"base_url": env["QWEN_OAUTH_BASE_URL"]}}})
+        )
+    if overrides:
+        layers.append((override_source, dict(overrides)))
+    return layers
+
+
+_SECRET_KEY = re.compile(r"(secret|password|token)(?!_(env|file)$)", re.IGNORECASE)
+_ELIDED = '"(elided)"'
+
+
+def effective_config_toml(layers: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """The merged configuration as TOML, each value followed by the layer it came from; secret-named
+    values (other than the names of the env vars and files that hold secrets) are elided."""
+    merged: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+
+    def record(prefix: tuple[str, ...], mapping: Mapping[str, Any], source: str) -> None:
+        for key, value in mapping.items():
+            if isinstance(value, dict) and not (prefix[-1:] == ("extra_params",) or key == "extra_params"):
+                record((*prefix, key), value, source)
+            else:
+                sources[(*prefix, key)] = source
+
+    for source, layer in layers:
+        merged = merge(merged, layer)
+        record((), layer, source)
+
+    lines: list[str] = []
+
+    def emit_table(path: tuple[str, ...], table: Mapping[str, Any]) -> None:
+        leaves = {k: v for k, v in table.items() if not isinstance(v, dict) or k == "extra_params"}
+        if leaves:
+            if path:
+                lines.append("")
+                lines.append("[" + ".".join(_toml_key(part) for part in path) + "]")
+            for key, value in leaves.items():
+                shown = _ELIDED if _SECRET_KEY.search(key) else _toml_value(value)
+                lines.append(f"{_toml_key(key)} = {shown}  # {sources.get((*path, key), 'default')}")
+        for key, value in table.items():
+            if isinstance(value, dict) and key != "extra_params":
+                emit_table((*path, key), value)
+
+    emit_table((), merged)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{_toml_key(k)} = {_ELIDED if _SECRET_KEY.search(k) else _toml_value(v)}" for k, v in value.items())
+        return "{ " + ", ".join(items) + " }"
+    return json.dumps(str(value))
+
+
 def defaults_as_toml_mapping() -> dict[str, Any]:
-    """The code's defaults, shaped as `conf/serve.toml` would parse (None-valued keys left out)."""
+    """The code's defaults, shaped as `serve/defaults.toml` parses (None-valued keys left out)."""
 
     def table(obj: Any) -> dict[str, Any]:
         out = {}

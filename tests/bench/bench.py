@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import trio
@@ -39,8 +39,18 @@ sys.path.insert(0, str(TESTS))
 from support.fake_idp import FakeIdP  # noqa: E402
 from support.idp_server import serve_idp  # noqa: E402
 
+
+class Original(TypedDict):
+    """The original's figures (module docstring): cold start as a (best, worst) range."""
+
+    cold_start_s: tuple[float, float]
+    idle_rss_mb: float
+    status_rps: float
+    status_p99_ms: float
+
+
 TOKEN = "bench-token-0123456789"
-ORIGINAL = {"cold_start_s": (1.3, 1.9), "idle_rss_mb": 171.0, "status_rps": 1677.0, "status_p99_ms": 286.0}
+ORIGINAL: Original = {"cold_start_s": (1.3, 1.9), "idle_rss_mb": 171.0, "status_rps": 1677.0, "status_p99_ms": 286.0}
 LISTENING = re.compile(r"qwen-serve listening on (\S+) ")
 
 
@@ -168,6 +178,7 @@ async def _shutdown_with_subscribers(subscribers: int) -> dict[str, Any]:
         with daemon({"QWEN_OAUTH_BASE_URL": served.url}) as d:
             ws_url = d.url.replace("http://", "ws://") + "/workspace/auth/events"
             headers = [("Authorization", f"Bearer {TOKEN}")]
+            ws_headers = [(name.encode(), value.encode()) for name, value in headers]  # trio-websocket takes bytes
             closes: list[tuple[int | None, bool]] = []
             received_started: list[float] = []
             connected = 0
@@ -175,7 +186,7 @@ async def _shutdown_with_subscribers(subscribers: int) -> dict[str, Any]:
 
             async def subscriber() -> None:
                 nonlocal connected
-                async with trio_websocket.open_websocket_url(ws_url, extra_headers=headers) as ws:
+                async with trio_websocket.open_websocket_url(ws_url, extra_headers=ws_headers) as ws:
                     await ws.get_message()  # hello
                     connected += 1
                     if connected == subscribers:

@@ -417,14 +417,15 @@ async def test_a_large_inbound_websocket_message_is_closed_1009(
         if fragmented:
             from wsproto.events import TextMessage
 
-            data = ws._wsproto.send(TextMessage("x" * 3000, message_finished=False))  # type: ignore[attr-defined]
-            data += ws._wsproto.send(TextMessage("x" * 3000, message_finished=False))  # type: ignore[attr-defined]
-            await ws._stream.send_all(data)  # type: ignore[attr-defined]
+            data = ws._wsproto.send(TextMessage("x" * 3000, message_finished=False))
+            data += ws._wsproto.send(TextMessage("x" * 3000, message_finished=False))
+            await ws._stream.send_all(data)
         else:
             await ws.send_message("x" * 5000)
         with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
             while True:
                 await ws.get_message()
+    assert closed.value.reason is not None
     assert closed.value.reason.code == 1009
 
 

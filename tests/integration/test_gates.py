@@ -12,7 +12,9 @@ import pytest
 import trio
 import trio_websocket
 from quart import Quart, Response
+from quart_trio import QuartTrio
 from support.daemon import IN_MEMORY_HOST, StartDaemon, app_for, in_memory, loopback_client, port_of
+from support.login import bearer_headers
 
 from serve import __version__
 from serve.config import Config
@@ -143,7 +145,10 @@ async def test_allow_origins_pass(
 async def test_a_missing_or_wrong_bearer_is_401_never_500(
     client: httpx.AsyncClient, authorization: str | bytes | None
 ) -> None:
-    headers = {} if authorization is None else {"Authorization": authorization}
+    # As bytes: httpx takes a mapping of str or of bytes, not both (the str values here are all ASCII, which is
+    # how httpx would have encoded them).
+    value = authorization.encode("ascii") if isinstance(authorization, str) else authorization
+    headers: dict[bytes, bytes] = {} if value is None else {b"Authorization": value}
     with trio.fail_after(5):
         for path in ("/capabilities", "/no/such/route", STRICT):
             response = await client.get(path, headers=headers)
@@ -175,9 +180,9 @@ async def test_a_non_ascii_token_is_compared_as_bytes(
     secret = "tökén-☃-0123456789".encode()
     with trio.fail_after(10):
         async with start_daemon(token=secret) as daemon, loopback_client(base_url=daemon.url) as c:
-            assert (await c.get("/capabilities", headers={"Authorization": b"Bearer " + secret})).status_code == 200
+            assert (await c.get("/capabilities", headers={b"Authorization": b"Bearer " + secret})).status_code == 200
             wrong = "Bearer tökén-☃-0123456789x".encode()
-            assert_json(await c.get("/capabilities", headers={"Authorization": wrong}), 401, UNAUTHORIZED)
+            assert_json(await c.get("/capabilities", headers={b"Authorization": wrong}), 401, UNAUTHORIZED)
 
 
 async def test_health_is_open_and_everything_else_needs_the_bearer(
@@ -311,7 +316,7 @@ def echo_routes(app: Quart) -> None:
 
 
 @pytest.fixture
-async def echo_app(workspace: Path, qwen_home: Path, token: str) -> Quart:
+async def echo_app(workspace: Path, qwen_home: Path, token: str) -> QuartTrio:
     app = app_for(token=token.encode(), workspace=workspace, qwen_home=qwen_home)
     echo_routes(app)
     return app
@@ -333,7 +338,7 @@ async def echo_app(workspace: Path, qwen_home: Path, token: str) -> Quart:
     ],
 )
 async def test_json_bodies(
-    echo_app: Quart,
+    echo_app: QuartTrio,
     auth: dict[str, str],
     content_type: str | None,
     content: bytes,
@@ -395,7 +400,7 @@ async def test_no_html_for_trailing_slashes_options_or_head(client: httpx.AsyncC
 
 
 async def test_an_unexpected_error_is_a_generic_500_and_the_traceback_is_logged(
-    echo_app: Quart, auth: dict[str, str], caplog: pytest.LogCaptureFixture
+    echo_app: QuartTrio, auth: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="serve.http")
     async with in_memory(echo_app) as client:
@@ -437,9 +442,9 @@ async def test_websocket_handshakes_are_gated(daemon: RunningDaemon, token: str)
         assert rejected.value.status_code == 401
         assert json.loads(rejected.value.body or b"") == UNAUTHORIZED
 
-        bearer = [("Authorization", f"Bearer {token}")]
+        bearer = bearer_headers({"Authorization": f"Bearer {token}"})
         with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-            async with trio_websocket.open_websocket_url(url, extra_headers=[*bearer, ("Origin", "https://evil")]):
+            async with trio_websocket.open_websocket_url(url, extra_headers=[*bearer, (b"Origin", b"https://evil")]):
                 pass
         assert rejected.value.status_code == 403
         assert json.loads(rejected.value.body or b"") == ORIGIN_DENIED

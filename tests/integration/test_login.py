@@ -17,7 +17,7 @@ import trio_websocket
 from support.daemon import loopback_client
 from support.fake_idp import json_reply
 from support.idp_server import serve_idp
-from support.login import device_reply, login_config, qwen_idp
+from support.login import bearer_headers, device_reply, login_config, qwen_idp
 
 
 async def test_whole_login_events_credentials_and_status(
@@ -46,7 +46,7 @@ async def test_whole_login_events_credentials_and_status(
                 ws_url = daemon.url.replace("http://", "ws://") + "/workspace/auth/events"
                 async with (
                     loopback_client(base_url=daemon.url, headers=auth) as client,
-                    trio_websocket.open_websocket_url(ws_url, extra_headers=list(auth.items())) as ws,
+                    trio_websocket.open_websocket_url(ws_url, extra_headers=bearer_headers(auth)) as ws,
                 ):
                     hello = json.loads(await ws.get_message())
                     assert hello["type"] == "hello" and hello["data"]["lastEventId"] == 0

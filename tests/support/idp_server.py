@@ -9,20 +9,17 @@ daemon: it is recorded in `errors` (and answered with a 500), and `serve_idp` fa
 from __future__ import annotations
 
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import hypercorn.config
 import hypercorn.trio
 import trio
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from support.fake_idp import FakeIdP
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
 
 
 @dataclass
@@ -35,12 +32,8 @@ class ServedIdP:
     device_delay_s: float = 0.0
 
 
-def _asgi(
-    served: ServedIdP,
-) -> Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]:
-    async def app(
-        scope: Scope, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
-    ) -> None:
+def _asgi(served: ServedIdP) -> ASGIFramework:
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
@@ -49,9 +42,12 @@ def _asgi(
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        assert scope["type"] == "http", "the fake IdP speaks plain HTTP only"
         body = b""
         while True:
             message = await receive()
+            if message["type"] != "http.request":  # the client went away: answer what was read
+                break
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
@@ -74,7 +70,7 @@ def _asgi(
         content = response.content
         headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": content})
+        await send({"type": "http.response.body", "body": content, "more_body": False})
 
     return app
 
@@ -95,7 +91,7 @@ async def serve_idp(idp: FakeIdP) -> AsyncIterator[ServedIdP]:
                 _asgi(served),
                 config,
                 shutdown_trigger=stop.wait,
-                task_status=task_status,  # type: ignore[arg-type]
+                task_status=task_status,
             )
         )
         served.url = urls[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypedDict, Unpack
+
 import pytest
 import trio
 import trio.lowlevel
@@ -28,8 +30,15 @@ def clock() -> WallClock:
     return WallClock(epoch_offset_s=EPOCH_S)
 
 
-def make_bus(clock: WallClock, **kwargs: int) -> EventBus:
-    return EventBus(clock=clock, epoch="epoch-1", **kwargs)
+class BusSizes(TypedDict, total=False):
+    """The sizes a test may set; the rest of `EventBus`'s keywords keep their defaults."""
+
+    ring_size: int
+    subscriber_queue: int
+
+
+def make_bus(clock: WallClock, **sizes: Unpack[BusSizes]) -> EventBus:
+    return EventBus(clock=clock, epoch="epoch-1", **sizes)
 
 
 def cancelled(n: int) -> FlowCancelled:
