@@ -36,7 +36,8 @@ def tests(session: nox.Session) -> None:
     # One absolute data file, so the daemons that tests start as subprocesses (any cwd) report there too.
     env = {"COVERAGE_FILE": str(Path(".coverage").absolute())}
     session.run("coverage", "erase", env=env)
-    session.run("coverage", "run", "-m", "pytest", *session.posargs, env=env)
+    # One worker per core (pytest-xdist): the tests are independent (port 0, their own tmp dirs).
+    session.run("coverage", "run", "-m", "pytest", "-n", "auto", *session.posargs, env=env)
     session.run("coverage", "combine", "--quiet", env=env)
     if not session.posargs:
         session.run("coverage", "report", env=env)

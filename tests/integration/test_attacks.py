@@ -488,9 +488,7 @@ async def test_a_grant_held_by_the_idp_survives_a_delete_or_shutdown_meanwhile(
                 started = await client.post(FLOWS_PATH, json={"providerId": "qwen-oauth"})
                 assert started.status_code == 201
                 flow_id = started.json()["deviceFlowId"]
-                # The first token request went out (the served IdP records it only once it answers).
-                while "lastPolledAt" not in (await client.get(f"{FLOWS_PATH}/{flow_id}")).json():  # noqa: ASYNC110
-                    await trio.sleep(0.02)
+                await served.token_request_arrived.wait()  # the IdP holds its granting reply from here
                 if interruption == "delete":
                     assert (await client.delete(f"{FLOWS_PATH}/{flow_id}")).status_code == 204
                     assert (await client.get(f"{FLOWS_PATH}/{flow_id}")).json()["status"] == "pending"

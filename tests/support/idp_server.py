@@ -30,6 +30,9 @@ class ServedIdP:
     # Seconds to wait before answering each token / device request (a slow IdP); 0 answers at once.
     token_delay_s: float = 0.0
     device_delay_s: float = 0.0
+    # Set when a request reaches the IdP, before any delay: a signal to order a test's callers by.
+    token_request_arrived: trio.Event = field(default_factory=trio.Event)
+    device_request_arrived: trio.Event = field(default_factory=trio.Event)
 
 
 def _asgi(served: ServedIdP) -> ASGIFramework:
@@ -56,9 +59,11 @@ def _asgi(served: ServedIdP) -> ASGIFramework:
         request = httpx.Request(
             scope["method"], url, headers=[(k.decode(), v.decode()) for k, v in scope["headers"]], content=body
         )
-        if served.token_delay_s and url == served.idp.token_url:
+        if url == served.idp.token_url:
+            served.token_request_arrived.set()
             await trio.sleep(served.token_delay_s)
-        if served.device_delay_s and url == served.idp.device_url:
+        if url == served.idp.device_url:
+            served.device_request_arrived.set()
             await trio.sleep(served.device_delay_s)
         try:
             response = served.idp(request)
