@@ -154,6 +154,49 @@ def hypercorn_config(config: Config, *, keep_alive_timeout_s: float | None = Non
     return hc
 
 
+def compose(
+    config: Config,
+    *,
+    token: bytes | None,
+    workspace: Path,
+    http: httpx.AsyncClient,
+    store: CredentialStore,
+    clock: WallClock,
+    audit: Audit | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Services:
+    """The daemon's parts, wired together and not yet running: one `Shutdown` signal shared by the event bus,
+    the registry and the routes; the providers on `http`; the registry on `store`."""
+    shutdown_signal = Shutdown()
+    bus = EventBus(
+        clock=clock,
+        ring_size=config.events.ring_size,
+        subscriber_queue=config.events.subscriber_queue,
+        shutdown=shutdown_signal,
+    )
+    providers = build_providers(config, http, env=os.environ if env is None else env, now_ms=clock.now_ms)
+    registry = DeviceFlowRegistry(
+        providers=providers,
+        store=store,
+        bus=bus,
+        config=config.device_flow,
+        clock=clock,
+        audit=audit or Audit(),
+        shutdown=shutdown_signal,
+    )
+    return Services(
+        config=config,
+        token=token,
+        workspace=workspace,
+        clock=clock,
+        bus=bus,
+        registry=registry,
+        store=store,
+        providers=providers,
+        shutdown=shutdown_signal,
+    )
+
+
 async def run_daemon(
     config: Config,
     *,
@@ -181,13 +224,6 @@ async def run_daemon(
     """
     clock = clock or WallClock()
     env = os.environ if env is None else env
-    shutdown_signal = Shutdown()
-    bus = EventBus(
-        clock=clock,
-        ring_size=config.events.ring_size,
-        subscriber_queue=config.events.subscriber_queue,
-        shutdown=shutdown_signal,
-    )
     hc = hypercorn_config(config, keep_alive_timeout_s=keep_alive_timeout_s)
     if max_connections is None:
         max_connections = server.connection_budget(server.raise_file_limit())
@@ -204,32 +240,15 @@ async def run_daemon(
     )
     try:
         async with http, trio.open_nursery() as nursery:
-            providers = build_providers(config, http, env=env, now_ms=clock.now_ms)
             _warn_about_missing_client_secrets(config, env)
             store = credential_store or FileCredentialStore(qwen_home)
+            services = compose(
+                config, token=token, workspace=workspace, http=http, store=store, clock=clock, audit=audit, env=env
+            )
             if isinstance(store, FileCredentialStore):
-                await nursery.start(store.run, [p.credentials_file for p in providers.values()])
-            registry = DeviceFlowRegistry(
-                providers=providers,
-                store=store,
-                bus=bus,
-                config=config.device_flow,
-                clock=clock,
-                audit=audit or Audit(),
-                shutdown=shutdown_signal,
-            )
+                await nursery.start(store.run, [p.credentials_file for p in services.providers.values()])
+            registry, bus, shutdown_signal = services.registry, services.bus, services.shutdown
             await nursery.start(registry.run)
-            services = Services(
-                config=config,
-                token=token,
-                workspace=workspace,
-                clock=clock,
-                bus=bus,
-                registry=registry,
-                store=store,
-                providers=providers,
-                shutdown=shutdown_signal,
-            )
             app = create_app(services)
 
             async def shutdown() -> None:

@@ -12,16 +12,10 @@ import httpx
 from quart.typing import TestClientProtocol
 from quart_trio import QuartTrio
 
-from serve.audit import Audit
 from serve.clock import WallClock
 from serve.config import Config, load_config
-from serve.daemon import RunningDaemon
-from serve.events import EventBus
+from serve.daemon import RunningDaemon, compose
 from serve.http.app import create_app
-from serve.http.services import Services
-from serve.lifecycle import Shutdown
-from serve.providers import build_providers
-from serve.registry import DeviceFlowRegistry
 from serve.store import FileCredentialStore
 
 IN_MEMORY_HOST = "127.0.0.1:4170"
@@ -51,32 +45,16 @@ def app_for(config: Config | None = None, *, token: bytes | None, workspace: Pat
     login cannot start here; tests that log in use a real daemon.
     """
     config = config or load_config()
-    clock = WallClock()
-    shutdown = Shutdown()
-    bus = EventBus(clock=clock, shutdown=shutdown)
-    store = FileCredentialStore(qwen_home)
     # No IdP is reached from memory: the registry does not run, so a request here would be a test bug.
     unreachable = httpx.AsyncClient(transport=httpx.MockTransport(_no_idp_here))
-    providers = build_providers(config, unreachable, env={}, now_ms=clock.now_ms)
-    registry = DeviceFlowRegistry(
-        providers=providers,
-        store=store,
-        bus=bus,
-        config=config.device_flow,
-        clock=clock,
-        audit=Audit(),
-        shutdown=shutdown,
-    )
-    services = Services(
-        config=config,
+    services = compose(
+        config,
         token=token,
         workspace=workspace,
-        clock=clock,
-        bus=bus,
-        registry=registry,
-        store=store,
-        providers=providers,
-        shutdown=shutdown,
+        http=unreachable,
+        store=FileCredentialStore(qwen_home),
+        clock=WallClock(),
+        env={},
     )
     return create_app(services)
 

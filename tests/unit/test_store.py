@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from support.logs import captured, messages
 
 from serve.credentials import CommitGate, Credentials
 from serve.errors import PersistError
@@ -50,31 +51,11 @@ def failing(method: str, code: int) -> FileSystem:
     return fs
 
 
-class Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
 def records() -> Iterator[list[logging.LogRecord]]:
-    """What `serve.store` logs at INFO and above (attached to the logger: the CLI may stop propagation)."""
-    logger, handler = logging.getLogger("serve.store"), Capture()
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-
-
-def messages(records: list[logging.LogRecord], level: int) -> list[str]:
-    return [record.getMessage() for record in records if record.levelno == level]
+    """What `serve.store` logs at INFO and above."""
+    with captured("serve.store") as records:
+        yield records
 
 
 # --- writes -----------------------------------------------------------------------------------------

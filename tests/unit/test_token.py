@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.logs import captured, messages
 
 from serve.errors import ConfigError
 from serve.token import ResolvedToken, default_token_path, qwen_home, resolve_token
@@ -32,31 +33,11 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-class Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
 def records() -> Iterator[list[logging.LogRecord]]:
-    """What `serve.token` logs at INFO and above (attached to the logger: the CLI may stop propagation)."""
-    logger, handler = logging.getLogger("serve.token"), Capture()
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-
-
-def messages(records: list[logging.LogRecord], level: int) -> list[str]:
-    return [record.getMessage() for record in records if record.levelno == level]
+    """What `serve.token` logs at INFO and above."""
+    with captured("serve.token") as records:
+        yield records
 
 
 def root_only() -> None:
