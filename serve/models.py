@@ -3,8 +3,10 @@ the wire's camelCase lives in `serve.wire`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class FlowStatus(StrEnum):
@@ -129,3 +131,107 @@ class ProviderAuthStatus:
     expires_at_ms: int | None = None
     updated_at_ms: int | None = None
     account_alias: str | None = None
+
+
+# --- what a client reads back (serve.client) -------------------------------------------------------------
+# Statuses and error kinds stay strings here: a client must tolerate values a newer daemon adds.
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """`GET /capabilities`."""
+
+    version: int
+    server_version: str
+    mode: str
+    features: tuple[str, ...]
+    transports: tuple[str, ...]
+    workspace_cwd: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFlowInfo:
+    """A device flow as `POST` or `GET /workspace/auth/device-flow…` shows it to this caller.
+
+    `attached` is set by a start only. The user code and URIs are there only for the initiator of a pending
+    flow (SPEC §2). Times are epoch milliseconds.
+    """
+
+    device_flow_id: str
+    provider_id: str
+    status: str
+    expires_at_ms: int | None = None
+    interval_ms: int | None = None
+    attached: bool | None = None
+    created_at_ms: int | None = None
+    last_polled_at_ms: int | None = None
+    user_code: str | None = None
+    verification_uri: str | None = None
+    verification_uri_complete: str | None = None
+    initiator_client_id: str | None = None
+    error_kind: str | None = None
+    hint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderCell:
+    """One provider of `GET /workspace/auth/status`."""
+
+    provider_id: str
+    status: str  # ok | warning | not_started (the official SDK's cell status)
+    auth_state: str | None = None  # authenticated | expired | unauthenticated
+    hint: str | None = None
+    expires_at_ms: int | None = None
+    account_alias: str | None = None
+    updated_at_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingFlow:
+    device_flow_id: str
+    provider_id: str
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStatusSnapshot:
+    """`GET /workspace/auth/status`."""
+
+    workspace_cwd: str
+    providers: tuple[ProviderCell, ...]
+    pending_device_flows: tuple[PendingFlow, ...]
+    supported_providers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedEvent:
+    """One event envelope as a subscriber receives it; `data` keeps the wire's keys (camelCase)."""
+
+    id: int
+    type: str
+    data: Mapping[str, Any]
+    server_timestamp_ms: int | None = None
+    originator_client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHello:
+    last_event_id: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The daemon could not replay from where the subscriber was (ring moved on, or a restart): re-read
+    the state over REST. Events from `last_event_id` on follow."""
+
+    last_event_id: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHeartbeat:
+    last_event_id: int
+
+
+Frame = StreamHello | StreamReset | StreamHeartbeat | ReceivedEvent

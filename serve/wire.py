@@ -1,5 +1,9 @@
 """The wire: internal values ⇄ camelCase JSON, in one place (SPEC §2, §4). Imports no server module.
 
+The daemon writes with the functions at the top; the client (`serve.client`) reads with the `parse_*`
+functions at the bottom, which tolerate members they do not know and raise `WireFormatError` naming a
+missing or mistyped one.
+
 Field order follows the original `qwen serve` 0.24.4 byte for byte (`tests` compare whole bodies).
 """
 
@@ -12,6 +16,9 @@ from serve.errors import ServeError, UnsupportedProvider
 from serve.models import (
     AuthEvent,
     AuthState,
+    AuthStatusSnapshot,
+    Capabilities,
+    DeviceFlowInfo,
     Envelope,
     FlowAuthorized,
     FlowCancelled,
@@ -19,8 +26,15 @@ from serve.models import (
     FlowStarted,
     FlowThrottled,
     FlowView,
+    Frame,
+    PendingFlow,
     ProviderAuthStatus,
+    ProviderCell,
+    ReceivedEvent,
     StartOutcome,
+    StreamHeartbeat,
+    StreamHello,
+    StreamReset,
 )
 
 PROTOCOL_VERSION = 1
@@ -248,3 +262,130 @@ def capabilities_body(
         "transports": list(transports),
         "workspaceCwd": workspace_cwd,
     }
+
+
+# --- reading it back: what a client parses (serve.client) ------------------------------------------------
+
+
+class WireFormatError(ValueError):
+    """A body or frame is not what the contract says (a missing or mistyped member); names what is wrong."""
+
+
+def _obj(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise WireFormatError(f"{what}: expected a JSON object")
+    return value
+
+
+def _req(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise WireFormatError(f"{what}: `{key}` is missing or not a {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _opt(obj: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = obj.get(key)
+    if isinstance(value, bool) and kind is not bool:
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def parse_capabilities(body: object) -> Capabilities:
+    what = "GET /capabilities"
+    obj = _obj(body, what)
+    features = _req(obj, "features", list, what)
+    raw_transports = obj.get("transports")
+    transports: list[Any] = raw_transports if isinstance(raw_transports, list) else []
+    return Capabilities(
+        version=_req(obj, "v", int, what),
+        server_version=_req(obj, "serverVersion", str, what),
+        mode=_req(obj, "mode", str, what),
+        features=tuple(f for f in features if isinstance(f, str)),
+        transports=tuple(t for t in transports if isinstance(t, str)),
+        workspace_cwd=_req(obj, "workspaceCwd", str, what),
+    )
+
+
+def parse_device_flow(body: object, what: str = "device flow") -> DeviceFlowInfo:
+    """A start (`POST`) or view (`GET`) body."""
+    obj = _obj(body, what)
+    return DeviceFlowInfo(
+        device_flow_id=_req(obj, "deviceFlowId", str, what),
+        provider_id=_req(obj, "providerId", str, what),
+        status=_req(obj, "status", str, what),
+        expires_at_ms=_opt(obj, "expiresAt", int),
+        interval_ms=_opt(obj, "intervalMs", int),
+        attached=_opt(obj, "attached", bool),
+        created_at_ms=_opt(obj, "createdAt", int),
+        last_polled_at_ms=_opt(obj, "lastPolledAt", int),
+        user_code=_opt(obj, "userCode", str),
+        verification_uri=_opt(obj, "verificationUri", str),
+        verification_uri_complete=_opt(obj, "verificationUriComplete", str),
+        initiator_client_id=_opt(obj, "initiatorClientId", str),
+        error_kind=_opt(obj, "errorKind", str),
+        hint=_opt(obj, "hint", str),
+    )
+
+
+def parse_auth_status(body: object) -> AuthStatusSnapshot:
+    what = "GET /workspace/auth/status"
+    obj = _obj(body, what)
+    cells = []
+    for raw in _req(obj, "providers", list, what):
+        cell = _obj(raw, f"{what} provider")
+        cells.append(
+            ProviderCell(
+                provider_id=_req(cell, "providerId", str, what),
+                status=_req(cell, "status", str, what),
+                auth_state=_opt(cell, "authState", str),
+                hint=_opt(cell, "hint", str),
+                expires_at_ms=_opt(cell, "expiresAt", int),
+                account_alias=_opt(cell, "accountAlias", str),
+                updated_at_ms=_opt(cell, "updatedAt", int),
+            )
+        )
+    pending = []
+    for raw in _req(obj, "pendingDeviceFlows", list, what):
+        flow = _obj(raw, f"{what} pending flow")
+        pending.append(
+            PendingFlow(
+                device_flow_id=_req(flow, "deviceFlowId", str, what),
+                provider_id=_req(flow, "providerId", str, what),
+                expires_at_ms=_req(flow, "expiresAt", int, what),
+            )
+        )
+    supported = _req(obj, "supportedDeviceFlowProviders", list, what)
+    return AuthStatusSnapshot(
+        workspace_cwd=_req(obj, "workspaceCwd", str, what),
+        providers=tuple(cells),
+        pending_device_flows=tuple(pending),
+        supported_providers=tuple(p for p in supported if isinstance(p, str)),
+    )
+
+
+def parse_frame(text: str) -> Frame:
+    """One text frame of the event stream (SPEC §4): hello, reset, heartbeat, or an event envelope."""
+    what = "event stream frame"
+    try:
+        obj = _obj(json.loads(text), what)
+    except (ValueError, RecursionError) as exc:
+        raise WireFormatError(f"{what}: not JSON") from exc
+    kind = _req(obj, "type", str, what)
+    raw_data = obj.get("data")
+    data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
+    if kind in ("hello", "reset") and "id" not in obj:
+        last = _req(data, "lastEventId", int, what)
+        epoch = _req(data, "epoch", str, what)
+        return StreamHello(last, epoch) if kind == "hello" else StreamReset(last, epoch)
+    if kind == "heartbeat" and "id" not in obj:
+        return StreamHeartbeat(_req(data, "lastEventId", int, what))
+    raw_meta = obj.get("_meta")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+    return ReceivedEvent(
+        id=_req(obj, "id", int, what),
+        type=kind,
+        data=data,
+        server_timestamp_ms=_opt(meta, "serverTimestamp", int),
+        originator_client_id=_opt(obj, "originatorClientId", str),
+    )
