@@ -76,8 +76,11 @@ class LoginHandle:
         """Cancel the flow on the daemon (a no-op if it already ended or is gone)."""
         await self._client.cancel_device_flow(self.device_flow_id)
 
-    async def await_completion(  # noqa: ASYNC109 (the SDK's documented signature, as in the official SDK)
-        self, *, timeout: float | None = None, on_throttled: Callable[[int], None] | None = None
+    async def await_completion(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (the SDK's documented signature, as the official one)
+        on_throttled: Callable[[int], None] | None = None,
     ) -> AuthResult:
         """Wait for the flow to end and say how. `on_throttled(interval_ms)` is called on each slow_down.
 
