@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from serve.client.errors import DaemonHTTPError, DaemonUnreachable
-from serve.models import DeviceFlowInfo, ReceivedEvent, StreamHello, StreamReset
+from serve.models import DeviceFlowInfo, Frame, ReceivedEvent
 
 if TYPE_CHECKING:
-    from serve.client.daemon import DaemonClient
+    from serve.client.daemon import DaemonClient, StreamLagged
 
 PENDING = "pending"
 NOT_FOUND_OR_EVICTED = "not_found_or_evicted"
@@ -233,7 +233,7 @@ class AuthEventState:
     flow_providers: Mapping[str, str] = field(default_factory=dict)  # device flow id → provider id
 
 
-def reduce_auth_event(state: AuthEventState, event: ReceivedEvent | StreamHello | StreamReset) -> AuthEventState:
+def reduce_auth_event(state: AuthEventState, event: Frame | StreamLagged) -> AuthEventState:
     """Fold one event into `state`; pure. Stale or repeated ids are ignored, and so are unknown types (their
     id still counts), frames that are not events, and events about a provider's older flow."""
     if not isinstance(event, ReceivedEvent) or event.id <= state.last_event_id:
