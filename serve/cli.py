@@ -3,6 +3,9 @@
 Each subcommand is a `Command`: `add_arguments` for its parser and `run(args, env)` returning the exit code;
 `COMMANDS` lists them. Exit codes: 0 done, 1 failed at run time (a port in use), 2 bad usage or
 configuration. stdout carries only what scripts read (the listening line); everything else goes to stderr.
+
+`run` and `config` are the daemon's; `login`, `status`, `events` and `cancel` are its clients, with their
+bodies in `serve.cli_client` (which loads `serve.client` only when one of them runs, and never the daemon).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import trio
 
-from serve import __version__
+from serve import __version__, cli_client
 from serve.config import DEFAULTS_FILE, Config, config_layers, effective_config_toml, load_config
 from serve.errors import ConfigError
 from serve.token import ResolvedToken, qwen_home, resolve_token
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen-serve",
         description="A daemon that brokers OAuth 2.0 device logins (RFC 8628) for remote clients.",
-        epilog="Run `qwen-serve run --help` for the daemon's options, token and environment.",
+        epilog="Run `qwen-serve run --help` for the daemon's options, token and environment, and "
+        "`qwen-serve login --help` for logging a daemon in (exit codes included).",
     )
     parser.add_argument("--version", action="version", version=f"qwen-serve {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -338,5 +342,37 @@ COMMANDS: list[Command] = [
         epilog=CONFIG_EPILOG,
         add_arguments=_add_config_command_arguments,
         run=_config,
+    ),
+    Command(
+        name="login",
+        help="log a daemon in to an identity provider (shows the URL, the code and a QR code)",
+        description=cli_client.LOGIN_DESCRIPTION,
+        epilog=cli_client.LOGIN_EPILOG,
+        add_arguments=cli_client.add_login_arguments,
+        run=cli_client.run_login,
+    ),
+    Command(
+        name="status",
+        help="show a daemon's providers, their credentials and the logins pending",
+        description="Show what `GET /workspace/auth/status` says, as a table (or JSON).",
+        epilog=cli_client.STATUS_EPILOG,
+        add_arguments=cli_client.add_status_arguments,
+        run=cli_client.run_status,
+    ),
+    Command(
+        name="events",
+        help="print a daemon's login events as they happen",
+        description="Follow `WS /workspace/auth/events`: one line per event until interrupted.",
+        epilog=cli_client.EVENTS_EPILOG,
+        add_arguments=cli_client.add_events_arguments,
+        run=cli_client.run_events,
+    ),
+    Command(
+        name="cancel",
+        help="cancel a pending login",
+        description="Cancel a device flow by its id (`DELETE /workspace/auth/device-flow/ID`).",
+        epilog=cli_client.CANCEL_EPILOG,
+        add_arguments=cli_client.add_cancel_arguments,
+        run=cli_client.run_cancel,
     ),
 ]

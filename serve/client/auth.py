@@ -8,6 +8,8 @@ found) and falls back to `GET` polling at the daemon's interval when the stream 
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -24,6 +26,15 @@ PENDING = "pending"
 NOT_FOUND_OR_EVICTED = "not_found_or_evicted"
 """The error kind of a flow the daemon no longer knows (evicted after its grace, or the daemon restarted)."""
 _DEFAULT_INTERVAL_MS = 5000  # RFC 8628 §3.2's default, when the daemon names none
+EXPIRY_GRACE_S = 3.0  # past the code's expiry, the daemon ends the flow at its next sweep or poll
+RECHECK_S = 5.0  # then ask again this often while it still reads pending
+
+
+def _deadline_after(epoch_ms: int | None, grace_s: float) -> float:
+    """The trio clock's time `grace_s` after the wall-clock instant `epoch_ms` (never, without one)."""
+    if epoch_ms is None:
+        return math.inf
+    return trio.current_time() + max(0.0, epoch_ms / 1000 - time.time()) + grace_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,25 +107,47 @@ class LoginHandle:
         raise TimeoutError(f"the login of {self.provider_id} did not end within {timeout} s")
 
     async def _follow_events(self, on_throttled: Callable[[int], None] | None) -> AuthResult:
+        interval_seen = self.interval_ms
+        # If no end has come a little after the code's expiry, ask over REST: a daemon that vanished
+        # (the stream only retries) or an end the stream never delivered is noticed then.
+        next_check = _deadline_after(self.expires_at_ms, EXPIRY_GRACE_S)
         try:
             async with self._client.events() as stream:
-                async for item in stream:
-                    if isinstance(item, ReceivedEvent):
-                        if item.data.get("deviceFlowId") != self.device_flow_id:
+                while True:
+                    with trio.move_on_at(next_check):
+                        try:
+                            item = await stream.receive()
+                        except trio.EndOfChannel:
+                            break
+                        if isinstance(item, ReceivedEvent):
+                            if item.data.get("deviceFlowId") != self.device_flow_id:
+                                continue
+                            if item.type == "auth_device_flow_throttled":
+                                interval = item.data.get("intervalMs")
+                                if isinstance(interval, int):
+                                    interval_seen = interval
+                                    if on_throttled is not None:
+                                        on_throttled(interval)
+                                continue
+                            result = self._result_of_event(item)
+                            if result is not None:
+                                return result
                             continue
-                        if item.type == "auth_device_flow_throttled":
-                            interval = item.data.get("intervalMs")
-                            if isinstance(interval, int) and on_throttled is not None:
-                                on_throttled(interval)
-                            continue
-                        result = self._result_of_event(item)
-                        if result is not None:
-                            return result
-                    else:
-                        # Connected, reconnected, reset or lagged: the end may have come unseen; ask.
-                        result = await self._check()
-                        if result is not None:
-                            return result
+                    # Connected, reconnected, reset, lagged, or the expiry passed: the end may have come
+                    # unseen, and a slow_down may have come before the stream was open; ask.
+                    view = await self._view()
+                    if not isinstance(view, DeviceFlowInfo):
+                        return view
+                    if view.status != PENDING:
+                        return await self._result_of_view(view)
+                    slower = (
+                        view.interval_ms is not None and interval_seen is not None and view.interval_ms > interval_seen
+                    )
+                    if slower and on_throttled is not None and view.interval_ms is not None:
+                        on_throttled(view.interval_ms)
+                    interval_seen = view.interval_ms or interval_seen
+                    if trio.current_time() >= next_check:
+                        next_check = trio.current_time() + RECHECK_S
         except (DaemonUnreachable, DaemonHTTPError) as exc:
             if isinstance(exc, DaemonHTTPError) and exc.status == 401:
                 raise  # the token is wrong: polling would be refused too
@@ -134,12 +167,6 @@ class LoginHandle:
                     on_throttled(view.interval_ms)
                 interval_ms = view.interval_ms
             await trio.sleep(interval_ms / 1000)
-
-    async def _check(self) -> AuthResult | None:
-        view = await self._view()
-        if not isinstance(view, DeviceFlowInfo):
-            return view
-        return None if view.status == PENDING else await self._result_of_view(view)
 
     async def _view(self) -> DeviceFlowInfo | AuthResult:
         try:

@@ -30,6 +30,7 @@ from serve.models import (
     StreamHello,
     StreamReset,
 )
+from serve.netloc import is_loopback_host
 
 T = TypeVar("T")
 
@@ -63,6 +64,9 @@ class DaemonClient:
 
     `token` defaults to `$QWEN_SERVER_TOKEN` (empty counts as unset); `client_id` is sent as
     `X-Qwen-Client-Id` (attribution: it decides who sees a flow's user code). `transport` is httpx's seam.
+    `timeout_s` exceeds the daemon's own 30 s bound on an IdP start, so a slow IdP is the daemon's 502, not
+    a client timeout that leaves an orphaned flow behind. Proxy variables apply to remote daemons only:
+    the bearer token never goes through a proxy to a loopback daemon (the event stream never uses one).
     Using it after `aclose()` raises `RuntimeError`.
     """
 
@@ -73,7 +77,7 @@ class DaemonClient:
         token: str | None = None,
         client_id: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        timeout_s: float = 10.0,
+        timeout_s: float = 40.0,
     ) -> None:
         from serve.client.auth import AuthFlow  # the login layer is built on this class
 
@@ -97,6 +101,7 @@ class DaemonClient:
             timeout=timeout_s,
             follow_redirects=False,
             verify=verify,
+            trust_env=not is_loopback_host(urlsplit(self.base_url).hostname or ""),
         )
         self._closed = False
         self.auth = AuthFlow(self)
@@ -266,8 +271,10 @@ def _http_error(base_url: str, status: int, content: bytes, headers: Any) -> Dae
 
 def _transport_reason(exc: httpx.TransportError) -> str:
     cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, OSError):
-        return _os_reason(cause)
+    # httpcore wraps the OSError as its own exception's first argument.
+    for candidate in (cause, *(getattr(cause, "args", None) or ())):
+        if isinstance(candidate, OSError):
+            return _os_reason(candidate)
     if isinstance(exc, httpx.ConnectError):
         return "connection failed"
     return type(exc).__name__
