@@ -32,17 +32,16 @@ import httpx
 import pytest
 import trio
 from support.daemon import StartDaemon, loopback_client, port_of
-from support.fake_idp import FakeIdP
-from support.idp_server import ServedIdP, serve_idp
+from support.idp_server import serve_idp
 from support.login import (
     FLOWS_PATH,
     STATUS_PATH,
     closed_port_url,
     generic_idp,
     generic_provider,
-    login_config,
     oauth_error,
     pending_replies,
+    qwen_daemon,
     qwen_idp,
     qwen_tokens,
     script_devices,
@@ -163,18 +162,6 @@ async def cli_process(args: Sequence[str], env: Mapping[str, str]) -> AsyncItera
             process.kill()
             with trio.move_on_after(5):
                 await process.wait()
-
-
-@asynccontextmanager
-async def qwen_daemon(
-    start_daemon: StartDaemon, idp: FakeIdP, *, providers: Mapping[str, Any] | None = None, **device_flow: Any
-) -> AsyncIterator[tuple[ServedIdP, RunningDaemon]]:
-    """The fake qwen-oauth IdP over real HTTP and a daemon using it, with short intervals."""
-    async with (
-        serve_idp(idp) as served,
-        start_daemon(login_config(served.url, providers=providers, **device_flow)) as daemon,
-    ):
-        yield served, daemon
 
 
 def api(daemon: RunningDaemon, token: str) -> httpx.AsyncClient:

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
 import pytest
 import trio
 from support.daemon import loopback_client
-from support.fake_idp import FakeIdP
-from support.idp_server import ServedIdP, serve_idp
+from support.idp_server import serve_idp
 from support.login import (
     CLIENT_ID_HEADER,
     FLOWS_PATH,
@@ -40,6 +37,7 @@ from support.login import (
     oauth_error,
     open_events,
     pending_replies,
+    qwen_daemon,
     qwen_idp,
     qwen_tokens,
     script_devices,
@@ -134,18 +132,6 @@ def client_id(value: str | None) -> dict[str, str]:
 def assert_json_error(response: httpx.Response, status: int, text: str) -> None:
     assert (response.status_code, response.text) == (status, text)
     assert response.headers["content-type"] == "application/json"
-
-
-@asynccontextmanager
-async def qwen_daemon(
-    start_daemon: StartDaemon, idp: FakeIdP, *, daemon_kwargs: dict[str, Any] | None = None, **device_flow: Any
-) -> AsyncIterator[tuple[ServedIdP, RunningDaemon]]:
-    """The fake qwen IdP on loopback, and a daemon whose `qwen-oauth` talks to it."""
-    async with (
-        serve_idp(idp) as served,
-        start_daemon(login_config(served.url, **device_flow), **(daemon_kwargs or {})) as daemon,
-    ):
-        yield served, daemon
 
 
 @pytest.fixture

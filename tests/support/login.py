@@ -28,6 +28,7 @@ from serve.store import FileCredentialStore, FileSystem
 from support.daemon import StartDaemon as StartDaemon  # re-exported: many tests import it from here
 from support.daemon import loopback_client
 from support.fake_idp import FakeIdP, json_reply
+from support.idp_server import ServedIdP, serve_idp
 
 QWEN_CLIENT_ID = "f0304373b74a44d2b584a3fb70ca9e56"
 QWEN_SCOPE = "openid profile email model.completion"
@@ -242,3 +243,20 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
 
 def token_requests(idp: FakeIdP) -> list[httpx.Request]:
     return [r for r in idp.requests if r.method == "POST" and str(r.url) == idp.token_url]
+
+
+@asynccontextmanager
+async def qwen_daemon(
+    start_daemon: StartDaemon,
+    idp: FakeIdP,
+    *,
+    providers: Mapping[str, Any] | None = None,
+    daemon_kwargs: dict[str, Any] | None = None,
+    **device_flow: Any,
+) -> AsyncIterator[tuple[ServedIdP, RunningDaemon]]:
+    """The fake qwen-oauth IdP served on loopback, and a daemon whose `qwen-oauth` talks to it."""
+    async with (
+        serve_idp(idp) as served,
+        start_daemon(login_config(served.url, providers=providers, **device_flow), **(daemon_kwargs or {})) as daemon,
+    ):
+        yield served, daemon
