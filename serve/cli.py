@@ -11,7 +11,6 @@ bodies in `serve.cli_client` (which loads `serve.client` only when one of them r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
@@ -154,7 +153,7 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     # trio restores these handlers when it leaves), a stop signal exits at once, still with 0, rather
     # than killing the process with the signal's default action.
     for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda _signum, _frame: _exit_now(0))
+        signal.signal(signum, lambda _signum, _frame: cli_client.exit_now(0))
     try:
         return trio.run(partial(_serve, config, token=token.token, workspace=workspace, home=home))
     except KeyboardInterrupt:
@@ -253,7 +252,7 @@ async def _serve(config: Config, *, token: bytes | None, workspace: Path, home: 
                     first.set()
                 else:
                     log.warning("%s received again: exiting now", name)
-                    _exit_now(0)
+                    cli_client.exit_now(0)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals)
@@ -278,14 +277,6 @@ async def _serve(config: Config, *, token: bytes | None, workspace: Path, home: 
             # stdout is block-buffered when piped: flush, or whoever waits for this line hangs.
             print(f"qwen-serve listening on {daemon.url} (workspace={workspace})", flush=True)
     return 0
-
-
-def _exit_now(code: int) -> None:
-    """Leave the process at once: no graceful drain, no interpreter teardown (which waits on nothing useful)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(code)
 
 
 RUN_EPILOG = """\

@@ -58,10 +58,6 @@ EXIT_INTERRUPTED = 130
 
 # How long to wait for the daemon to confirm a cancel after Ctrl-C or --timeout before giving up.
 CANCEL_WAIT_S = 5.0
-# A login still unfinished this long after its flow's expiry is checked over REST (the daemon may be gone);
-# while the daemon says pending (its clock runs behind ours), again after twice as long, up to the cap.
-EXPIRY_GRACE_S = 3.0
-EXPIRY_RECHECK_MAX_S = 60.0
 
 
 class UsageError(Exception):
@@ -131,16 +127,10 @@ def _daemon_url_problem(url: str) -> str | None:
 
 
 def open_client(conn: Connection) -> DaemonClient:
-    """A `DaemonClient` for `conn`. A loopback daemon is reached directly, whatever `HTTP(S)_PROXY` says: a
-    proxy cannot reach this machine's loopback, and the bearer token has no business passing through one."""
-    import httpx
-
+    """A `DaemonClient` for `conn` (which reaches a loopback daemon directly, whatever `HTTP(S)_PROXY` says)."""
     from serve.client import DaemonClient
 
-    transport = None
-    if conn.loopback:
-        transport = httpx.AsyncHTTPTransport(verify=urlsplit(conn.url).scheme == "https")
-    return DaemonClient(conn.url, token=conn.token or "", client_id=conn.client_id, transport=transport)
+    return DaemonClient(conn.url, token=conn.token or "", client_id=conn.client_id)
 
 
 def describe_error(exc: DaemonError, conn: Connection, *, provider_id: str | None = None) -> tuple[int, str]:
@@ -563,7 +553,7 @@ async def _login(conn: Connection, args: argparse.Namespace) -> int:
                 async for _ in sigint:
                     if work.cancel_called:
                         output.clear_live()
-                        _exit_now(EXIT_INTERRUPTED)  # asked twice: leave the cancel unconfirmed
+                        exit_now(EXIT_INTERRUPTED)  # asked twice: leave the cancel unconfirmed
                     work.cancel()
 
             nursery.start_soon(watch_sigint)
@@ -608,7 +598,7 @@ async def _login_steps(
 
         nursery.start_soon(countdown)
     try:
-        result = await _await_end(client, handle, output, args.timeout)
+        result = await handle.await_completion(timeout=args.timeout, on_throttled=partial(output.throttled, handle))
     except TimeoutError:
         live.cancel()
         return await _stop_waiting(client, conn, output, state, interrupted=False, timeout_s=args.timeout)
@@ -620,37 +610,6 @@ async def _login_steps(
         live.cancel()
     word, exit_code, line = outcome_of(result)
     return output.ended(handle, result=word, exit_code=exit_code, line=line, status=result.status, outcome=result)
-
-
-async def _await_end(
-    client: DaemonClient, handle: LoginHandle, output: LoginOutput, timeout_s: float | None
-) -> AuthResult:
-    """`handle.await_completion`, and a REST check once the flow is past its expiry (the stream reconnects
-    forever when the daemon is gone; REST then says so, and a daemon that lost the flow says that)."""
-    from serve.client import AuthResult, DaemonHTTPError
-
-    deadline = trio.current_time() + timeout_s if timeout_s is not None else math.inf
-    check_at = math.inf
-    grace = EXPIRY_GRACE_S
-    if handle.expires_at_ms is not None:
-        check_at = trio.current_time() + max(0.0, handle.expires_at_ms / 1000 - time.time()) + grace
-    while True:
-        with trio.move_on_at(min(deadline, check_at)):
-            return await handle.await_completion(on_throttled=partial(output.throttled, handle))
-        if trio.current_time() >= deadline:
-            raise TimeoutError
-        try:
-            view = await client.get_device_flow(handle.device_flow_id)
-        except DaemonHTTPError as exc:
-            if exc.status != 404:
-                raise
-            return AuthResult(handle.device_flow_id, handle.provider_id, "error", error_kind="not_found_or_evicted")
-        if view.status != "pending":
-            return AuthResult(
-                handle.device_flow_id, handle.provider_id, view.status, error_kind=view.error_kind, hint=view.hint
-            )
-        grace = min(grace * 2, EXPIRY_RECHECK_MAX_S)  # the daemon's clock runs behind ours: ask again later
-        check_at = trio.current_time() + grace
 
 
 async def _stop_waiting(
@@ -692,7 +651,8 @@ async def _stop_waiting(
     return output.ended(handle, result=result, exit_code=exit_code, line=line, status=status)
 
 
-def _exit_now(code: int) -> None:
+def exit_now(code: int) -> None:
+    """Leave the process at once (a second signal): flush what was written, skip interpreter teardown."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()

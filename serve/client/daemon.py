@@ -8,6 +8,7 @@ connection per subscription, reconnected and resumed by `events()`.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -260,8 +261,8 @@ def _flow_path(device_flow_id: str) -> str:
 def _http_error(base_url: str, status: int, content: bytes, headers: Any) -> DaemonHTTPError | DaemonProtocolError:
     """The daemon's JSON error as a `DaemonHTTPError`; anything else is not a qwen-serve daemon."""
     try:
-        body = httpx.Response(status, content=content).json()
-    except ValueError:
+        body = json.loads(content)
+    except (ValueError, RecursionError):
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("error"), str):
         return DaemonProtocolError(f"{base_url} answered HTTP {status} without a qwen-serve error body")
