@@ -26,6 +26,7 @@ import trio
 from serve import __version__, cli_client
 from serve.config import DEFAULTS_FILE, Config, config_layers, effective_config_toml, load_config
 from serve.errors import ConfigError
+from serve.netloc import is_loopback_host
 from serve.token import ResolvedToken, qwen_home, resolve_token
 
 CONFIG_ENV = "QWEN_SERVE_CONFIG"
@@ -130,6 +131,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="run without a bearer token (loopback only; device-flow routes then answer token_required)",
     )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="stderr log level (default info)")
+    parser.add_argument(
+        "--dev-idp",
+        action="store_true",
+        help="also run a DEVELOPMENT identity provider on 127.0.0.1 and add its provider `dev`: a login that "
+        "works offline, for demos and trying things out (its page approves whoever presses Approve; loopback "
+        "--host only)",
+    )
 
 
 def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -137,6 +145,8 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         config = load_run_config(args, env)
         workspace = _workspace(config)
+        if args.dev_idp:
+            _check_dev_idp(config)
         home = qwen_home(env)
         token = resolve_token(
             flag_token=args.token,
@@ -148,6 +158,9 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         )
     except ConfigError as exc:
         return fail_config(exc)
+    except _UsageError as exc:
+        print(f"qwen-serve: {exc}", file=sys.stderr)
+        return 2
     _announce_token(token)
     # Outside the daemon's own signal receiver (while it starts, and once the graceful shutdown finished:
     # trio restores these handlers when it leaves), a stop signal exits at once, still with 0, rather
@@ -155,11 +168,27 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for signum in STOP_SIGNALS:
         signal.signal(signum, lambda _signum, _frame: cli_client.exit_now(0))
     try:
-        return trio.run(partial(_serve, config, token=token.token, workspace=workspace, home=home))
+        return trio.run(
+            partial(_serve, config, token=token.token, workspace=workspace, home=home, dev_idp=args.dev_idp)
+        )
     except KeyboardInterrupt:
         # A SIGINT in the instant between the signal receiver closing and trio.run returning: trio's own
         # handler turns it into KeyboardInterrupt. The daemon had already shut down; it was asked twice.
         return 0
+
+
+class _UsageError(Exception):
+    """A flag that cannot be used as given; the CLI prints it on one line and exits 2."""
+
+
+def _check_dev_idp(config: Config) -> None:
+    from serve import dev_idp
+
+    if not is_loopback_host(config.server.host):
+        raise _UsageError(
+            f"--dev-idp is a local demo: it needs a loopback --host (127.0.0.1, ::1, localhost), not {config.server.host}"
+        )
+    dev_idp.check_config(config)
 
 
 def _config_files(args: argparse.Namespace, env: Mapping[str, str]) -> list[Path]:
@@ -231,7 +260,7 @@ def _announce_token(token: ResolvedToken) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
-async def _serve(config: Config, *, token: bytes | None, workspace: Path, home: Path) -> int:
+async def _serve(config: Config, *, token: bytes | None, workspace: Path, home: Path, dev_idp: bool = False) -> int:
     """Run the daemon until a stop signal; print the listening line once bound.
 
     The first signal starts the graceful shutdown (SPEC §3); a second one exits at once, still with 0: the
@@ -264,6 +293,7 @@ async def _serve(config: Config, *, token: bytes | None, workspace: Path, home: 
                     workspace=workspace,
                     qwen_home=home,
                     shutdown_trigger=first.wait,
+                    dev_idp=dev_idp,
                     task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()  # drained: stop watching signals
@@ -306,8 +336,15 @@ output and exit codes:
   credential write is in flight); a second one exits at once. Exit 0 after a signal, 1 if the address
   cannot be bound, 2 for a bad flag, configuration key or token file.
 
-example:
+development identity provider (--dev-idp):
+  A DEVELOPMENT IdP in the daemon's own process, on 127.0.0.1 at a free port (its URL is logged on
+  stderr), added as the provider `dev`, so a login works with no network: run `qwen-serve login dev`,
+  open the URL it prints and press Approve. It keeps its codes and tokens in memory (a restart forgets
+  them), stops with the daemon, and approves whoever can open its page: for demos, never real accounts.
+
+examples:
   qwen-serve run --port 0 --workspace ~/src/project --config ~/.config/qwen-serve.toml
+  qwen-serve run --dev-idp
 """
 
 CONFIG_EPILOG = """\

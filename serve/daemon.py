@@ -52,6 +52,8 @@ ShutdownTrigger = Callable[[], Awaitable[None]]
 
 # Outbound IdP requests: each is also bounded by the registry's cancel scopes (start/poll timeouts).
 IDP_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+# URL patterns (httpx mounts) of this machine's loopback hosts.
+LOOPBACK_ORIGINS = ("all://127.0.0.1", "all://localhost", "all://[::1]")
 # The event stream reads nothing from its peers: an inbound message larger than this is a 1009 close, so a
 # peer cannot park megabytes of unfinished messages in the server (hypercorn's default is 16 MiB).
 WEBSOCKET_MAX_MESSAGE_BYTES = 4096
@@ -211,6 +213,7 @@ async def run_daemon(
     env: Mapping[str, str] | None = None,
     keep_alive_timeout_s: float | None = None,
     max_connections: int | None = None,
+    dev_idp: bool = False,
     task_status: trio.TaskStatus[RunningDaemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` until `shutdown_trigger` returns or `RunningDaemon.shutdown()` is called.
@@ -219,7 +222,9 @@ async def run_daemon(
     bound, with the real port when `port = 0`). `qwen_home` is where credentials live; `http_transport` (for
     the IdPs), `credential_store`, `audit` and `env` (for client secrets; default `os.environ`) are seams for
     tests: real components are injected, not mocked. `max_connections` defaults to what the descriptor limit
-    allows (raised to its hard limit first). Raises `ListenError` if the address cannot be bound.
+    allows (raised to its hard limit first). `dev_idp` also serves `serve.dev_idp` in this nursery and adds
+    its provider `dev` (raises `ConfigError` if the configuration has one). Raises `ListenError` if the
+    address cannot be bound.
     Cancelling it stops at once, without the graceful drain.
     """
     clock = clock or WallClock()
@@ -227,6 +232,10 @@ async def run_daemon(
     hc = hypercorn_config(config, keep_alive_timeout_s=keep_alive_timeout_s)
     if max_connections is None:
         max_connections = server.connection_budget(server.raise_file_limit())
+    if dev_idp:
+        from serve import dev_idp as dev  # only when asked: the daemon itself never needs it
+
+        dev.check_config(config)
     stop = trio.Event()
     bound = False
     # trust_env: HTTPS_PROXY, NO_PROXY and SSL_CERT_FILE apply to IdP requests (SPEC §5); redirects are never
@@ -237,9 +246,14 @@ async def run_daemon(
         follow_redirects=False,
         trust_env=http_transport is None,
         verify=idp_ssl_context() if http_transport is None else True,
+        # No proxy can reach this machine's loopback: an IdP there (the dev IdP, a local Keycloak) is
+        # always reached directly, whatever HTTPS_PROXY says. None = the client's own transport.
+        mounts=dict.fromkeys(LOOPBACK_ORIGINS),
     )
     try:
         async with http, trio.open_nursery() as nursery:
+            if dev_idp:
+                config = dev.with_dev_provider(config, await nursery.start(dev.serve_dev_idp))
             _warn_about_missing_client_secrets(config, env)
             store = credential_store or FileCredentialStore(qwen_home)
             services = compose(

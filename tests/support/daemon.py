@@ -68,5 +68,7 @@ async def in_memory(app: QuartTrio) -> AsyncIterator[TestClientProtocol]:
 
 def loopback_client(**kwargs: Any) -> httpx.AsyncClient:
     """An httpx client for a daemon on 127.0.0.1: plain HTTP, so no TLS context (loading the CA bundle
-    costs ~30 ms per client, a third of the suite's CPU when every test built one)."""
+    costs ~30 ms per client, a third of the suite's CPU when every test built one), and no proxy from the
+    environment (none could reach this machine's loopback)."""
+    kwargs.setdefault("trust_env", False)
     return httpx.AsyncClient(verify=False, **kwargs)
