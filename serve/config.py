@@ -419,7 +419,8 @@ def config_layers(
     return layers
 
 
-_SECRET_KEY = re.compile(r"(secret|password|token)(?!_(env|file)$)", re.IGNORECASE)
+# A key named like a secret, but not one that only names where a secret or an endpoint is (`token_endpoint`).
+_SECRET_KEY = re.compile(r"(secret|password|token)(?!_(env|file|endpoint)$)", re.IGNORECASE)
 _ELIDED = '"(elided)"'
 
 

@@ -50,6 +50,9 @@ _TERMINAL_KINDS = {
     "access_denied": ErrorKind.ACCESS_DENIED,
     "expired_token": ErrorKind.EXPIRED_TOKEN,
     "invalid_grant": ErrorKind.INVALID_GRANT,
+    # The same outcomes under the names IdPs really send: Microsoft Entra's refusal, GitHub's expiry.
+    "authorization_declined": ErrorKind.ACCESS_DENIED,
+    "token_expired": ErrorKind.EXPIRED_TOKEN,
 }
 _TRANSIENT_CODES = frozenset({"server_error", "temporarily_unavailable"})
 _KNOWN_UPSTREAM_CODES = frozenset(

@@ -33,7 +33,8 @@ def test_each_value_names_its_layer_and_secret_values_are_elided(
 ) -> None:
     config = tmp_path / "mine.toml"
     config.write_text(
-        '[server]\nport = 8080\n\n[providers.acme]\nkind = "rfc8628"\nissuer = "https://idp.example"\n'
+        '[server]\nport = 8080\n\n[providers.acme]\nkind = "rfc8628"\n'
+        'device_authorization_endpoint = "https://idp.example/device"\ntoken_endpoint = "https://idp.example/token"\n'
         'client_id = "c1"\nclient_secret_env = "ACME_SECRET"\n'
         'extra_params = { audience = "api", client_secret = "hunter2-do-not-print" }\n'
     )
@@ -45,6 +46,7 @@ def test_each_value_names_its_layer_and_secret_values_are_elided(
     assert 'host = "::1"  # flag\n' in out
     assert 'base_url = "http://127.0.0.1:9999"  # $QWEN_OAUTH_BASE_URL\n' in out
     assert 'client_secret_env = "ACME_SECRET"' in out  # the variable's name, not a secret
+    assert 'token_endpoint = "https://idp.example/token"' in out  # a URL, not a token
     assert "hunter2" not in out
     parsed = tomllib.loads(out)
     assert parsed["providers"]["acme"]["extra_params"] == {"audience": "api", "client_secret": "(elided)"}

@@ -52,6 +52,8 @@ def test_slow_down_is_slow_down_whatever_the_status(status: int) -> None:
         ("access_denied", ErrorKind.ACCESS_DENIED),
         ("expired_token", ErrorKind.EXPIRED_TOKEN),
         ("invalid_grant", ErrorKind.INVALID_GRANT),
+        ("authorization_declined", ErrorKind.ACCESS_DENIED),  # Microsoft Entra
+        ("token_expired", ErrorKind.EXPIRED_TOKEN),  # GitHub
     ],
 )
 @pytest.mark.parametrize("status", [400, 200])
