@@ -44,7 +44,8 @@ def tests(session: nox.Session) -> None:
 
 
 def _install_e2e_packages(session: nox.Session) -> None:
-    """The official TypeScript SDK for tests/e2e, exactly as tests/e2e/package-lock.json pins it (peer-only
+    """The npm packages of tests/e2e (the official TypeScript SDK, oidc-provider), exactly as
+    tests/e2e/package-lock.json pins them (peer-only
     packages, TypeScript itself, are not needed at run time); skipped when node_modules matches the lock."""
     digest = hashlib.sha256((E2E / "package-lock.json").read_bytes()).hexdigest()
     if NPM_STAMP.is_file() and NPM_STAMP.read_text().strip() == digest:

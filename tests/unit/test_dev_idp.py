@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -228,3 +230,12 @@ def test_a_configured_provider_named_dev_conflicts() -> None:
     added = dev_idp.with_dev_provider(load_config(), ISSUER)
     [dev] = added.providers
     assert (dev.provider_id, dev.client_id, dev.issuer, dev.pkce) == ("dev", CLIENT_ID, ISSUER, "auto")
+
+
+def test_it_imports_nothing_the_daemon_does_not_already_load() -> None:
+    script = (
+        "import sys, serve.daemon, serve.http.app; before = set(sys.modules); import serve.dev_idp; "
+        "print(sorted(set(sys.modules) - before))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['serve.dev_idp']"
