@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from serve import __version__, cli_client
+from serve import __version__, cli_check, cli_client, cli_token
 from serve.config import DEFAULTS_FILE, Config, config_layers, effective_config_toml, load_config
 from serve.errors import ConfigError
 from serve.netloc import is_loopback_host
@@ -372,6 +372,14 @@ COMMANDS: list[Command] = [
         run=_config,
     ),
     Command(
+        name="check",
+        help="check each provider's discovery, client and endpoints without running the daemon",
+        description=cli_check.CHECK_DESCRIPTION,
+        epilog=cli_check.CHECK_EPILOG,
+        add_arguments=cli_check.add_check_arguments,
+        run=cli_check.run_check,
+    ),
+    Command(
         name="login",
         help="log a daemon in to an identity provider (shows the URL, the code and a QR code)",
         description=cli_client.LOGIN_DESCRIPTION,
@@ -394,6 +402,22 @@ COMMANDS: list[Command] = [
         epilog=cli_client.EVENTS_EPILOG,
         add_arguments=cli_client.add_events_arguments,
         run=cli_client.run_events,
+    ),
+    Command(
+        name="token",
+        help="print a provider's current access token, for scripts on the daemon's machine",
+        description=cli_token.DESCRIPTION,
+        epilog=cli_token.EPILOG,
+        add_arguments=cli_token.add_token_arguments,
+        run=cli_token.run_token,
+    ),
+    Command(
+        name="logout",
+        help="log the daemon out of a provider: revoke its tokens and delete its credentials",
+        description="Log out (`DELETE /workspace/auth/providers/PROVIDER`).",
+        epilog=cli_client.LOGOUT_EPILOG,
+        add_arguments=cli_client.add_logout_arguments,
+        run=cli_client.run_logout,
     ),
     Command(
         name="cancel",

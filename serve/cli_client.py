@@ -167,7 +167,11 @@ def describe_error(exc: DaemonError, conn: Connection, *, provider_id: str | Non
         if exc.code == "device_flow_not_found":
             return EXIT_FAILED, "the daemon knows no such login (a wrong id, or it ended over 5 minutes ago)"
         code = f" {exc.code}" if exc.code else ""
-        return EXIT_FAILED, f"the daemon at {url} answered {exc.status}{code}: {message}"
+        line = f"the daemon at {url} answered {exc.status}{code}: {message}"
+        hint = exc.body.get("hint") if isinstance(exc.body, dict) else None
+        if isinstance(hint, str) and hint:
+            line += f" ({sanitize(hint)}; the daemon's log has the details)"
+        return EXIT_FAILED, line
     return EXIT_FAILED, sanitize(str(exc))
 
 
@@ -952,3 +956,46 @@ async def _cancel(conn: Connection, args: argparse.Namespace) -> int:
 
 
 run_cancel = _run_async(_cancel)
+
+
+# --- logout ---------------------------------------------------------------------------------------------
+
+
+def add_logout_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("provider_id", metavar="PROVIDER", help="the provider to log out of (`qwen-serve status`)")
+    _add_connection_arguments(parser)
+
+
+LOGOUT_EPILOG = """\
+Calls `DELETE /workspace/auth/providers/PROVIDER`: the daemon cancels a login pending for it, revokes its
+refresh and access tokens at the identity provider when the provider's metadata names a revocation endpoint
+(RFC 7009), and deletes its credentials file. A revocation the IdP does not confirm is reported, and the
+local logout happens all the same. Exit 0 when the daemon holds no credentials for it any more, 1 when the
+daemon cannot be reached or could not delete the file, 2 for a bad flag or an unknown provider.
+"""
+
+_REVOCATION_WORDS = {
+    "revoked": "its tokens are revoked at the identity provider",
+    "failed": "the identity provider did not confirm the revocation (the tokens may stay valid until they expire)",
+    "unsupported": "the identity provider offers no revocation (the tokens stay valid until they expire)",
+    "none": "there were no tokens to revoke",
+}
+
+
+async def _logout(conn: Connection, args: argparse.Namespace) -> int:
+    from serve.client import DaemonError
+
+    provider_id: str = args.provider_id
+    try:
+        async with open_client(conn) as client:
+            result = await client.logout(provider_id)
+    except DaemonError as exc:
+        return fail_with(exc, conn, provider_id=provider_id)
+    shown = sanitize(result.provider_id)
+    what = "credentials deleted" if result.removed else "no credentials were stored"
+    words = _REVOCATION_WORDS.get(result.revocation, sanitize(result.revocation))
+    print(f"Logged out of {shown}: {what}; {words}.", flush=True)
+    return 0
+
+
+run_logout = _run_async(_logout)

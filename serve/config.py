@@ -68,9 +68,20 @@ class EventsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RefreshConfig:
+    """When and how the daemon refreshes access tokens (providers with `refresh = "auto"`)."""
+
+    skew_s: float = 300
+    retry_min_s: float = 5
+    retry_max_s: float = 60
+    lock_wait_s: float = 10
+
+
+@dataclass(frozen=True, slots=True)
 class QwenOAuthConfig:
     enabled: bool = True
     base_url: str = "https://chat.qwen.ai"
+    refresh: str = "off"  # qwen-code refreshes oauth_creds.json itself
 
 
 ClientAuth = Literal["none", "client_secret_basic", "client_secret_post"]
@@ -92,6 +103,8 @@ class Rfc8628ProviderConfig:
     scope: str | None = None
     pkce: Pkce = "auto"
     extra_params: tuple[tuple[str, str], ...] = ()
+    revocation_endpoint: str | None = None  # else the discovered one, if any (RFC 7009)
+    refresh: str = "auto"
     kind: str = "rfc8628"
 
 
@@ -100,6 +113,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     device_flow: DeviceFlowConfig = field(default_factory=DeviceFlowConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
     qwen_oauth: QwenOAuthConfig = field(default_factory=QwenOAuthConfig)
     providers: tuple[Rfc8628ProviderConfig, ...] = ()
 
@@ -263,7 +277,25 @@ _EVENTS: dict[str, Check] = {
     "max_subscribers": _int(1, 1_000_000),
     "heartbeat_s": _num(0.001, 3600),
 }
-_QWEN: dict[str, Check] = {"enabled": _bool, "base_url": _url}
+_REFRESH: dict[str, Check] = {
+    "skew_s": _num(0, 86400),
+    "retry_min_s": _num(0.001, 86400),
+    "retry_max_s": _num(0.001, 86400),
+    "lock_wait_s": _num(0.001, 3600),
+}
+
+
+def _qwen_refresh(key: str, v: Any) -> str:
+    if v != "off":
+        raise ConfigError(
+            key,
+            'only "off": qwen-code refreshes its oauth_creds.json itself, and two refreshers of one '
+            "rotating refresh token log each other out",
+        )
+    return "off"
+
+
+_QWEN: dict[str, Check] = {"enabled": _bool, "base_url": _url, "refresh": _qwen_refresh}
 _RFC8628: dict[str, Check] = {
     "kind": _choice("rfc8628"),
     "issuer": _url,
@@ -276,8 +308,10 @@ _RFC8628: dict[str, Check] = {
     "scope": _str,
     "pkce": _choice("auto", "on", "off"),
     "extra_params": _str_map,
+    "revocation_endpoint": _url,
+    "refresh": _choice("auto", "off"),
 }
-_SECTIONS = {"server": _SERVER, "device_flow": _DEVICE_FLOW, "events": _EVENTS}
+_SECTIONS = {"server": _SERVER, "device_flow": _DEVICE_FLOW, "events": _EVENTS, "refresh": _REFRESH}
 
 
 def _table(key: str, v: Any) -> dict[str, Any]:
@@ -329,7 +363,12 @@ def build_config(raw: Mapping[str, Any]) -> Config:
     for name, value in raw.items():
         if name in _SECTIONS:
             section = _section(name, _table(name, value), _SECTIONS[name])
-            cls = {"server": ServerConfig, "device_flow": DeviceFlowConfig, "events": EventsConfig}[name]
+            cls = {
+                "server": ServerConfig,
+                "device_flow": DeviceFlowConfig,
+                "events": EventsConfig,
+                "refresh": RefreshConfig,
+            }[name]
             parts[name] = cls(**section)
         elif name == "providers":
             generic = []
@@ -353,6 +392,8 @@ def _check_relations(config: Config) -> None:
     d = config.device_flow
     if d.min_interval_s > d.max_interval_s:
         raise ConfigError("device_flow.min_interval_s", "must not exceed device_flow.max_interval_s")
+    if config.refresh.retry_min_s > config.refresh.retry_max_s:
+        raise ConfigError("refresh.retry_min_s", "must not exceed refresh.retry_max_s")
     if d.min_expires_in_s > d.max_expires_in_s:
         raise ConfigError("device_flow.min_expires_in_s", "must not exceed device_flow.max_expires_in_s")
     s = config.server
@@ -496,5 +537,6 @@ def defaults_as_toml_mapping() -> dict[str, Any]:
         "server": table(c.server),
         "device_flow": table(c.device_flow),
         "events": table(c.events),
+        "refresh": table(c.refresh),
         "providers": {QWEN_OAUTH_ID: table(c.qwen_oauth)},
     }

@@ -35,12 +35,13 @@ import trio
 
 from serve.audit import Audit
 from serve.clock import WallClock
-from serve.config import Config
+from serve.config import QWEN_OAUTH_ID, Config
 from serve.credentials import CredentialStore
 from serve.events import EventBus
 from serve.http import server
 from serve.http.app import create_app
 from serve.http.services import Services
+from serve.keeper import CredentialKeeper
 from serve.lifecycle import Shutdown
 from serve.providers import build_providers
 from serve.registry import DeviceFlowRegistry
@@ -186,6 +187,11 @@ def compose(
         audit=audit or Audit(),
         shutdown=shutdown_signal,
     )
+    keeper = (
+        CredentialKeeper(providers=providers, store=store, bus=bus, clock=clock, config=config.refresh)
+        if isinstance(store, FileCredentialStore)
+        else None
+    )
     return Services(
         config=config,
         token=token,
@@ -196,6 +202,7 @@ def compose(
         store=store,
         providers=providers,
         shutdown=shutdown_signal,
+        keeper=keeper,
     )
 
 
@@ -255,6 +262,7 @@ async def run_daemon(
             if dev_idp:
                 config = dev.with_dev_provider(config, await nursery.start(dev.serve_dev_idp))
             _warn_about_missing_client_secrets(config, env)
+            log.info("providers: %s", ", ".join(describe_providers(config)) or "none (every login is refused)")
             store = credential_store or FileCredentialStore(qwen_home)
             services = compose(
                 config, token=token, workspace=workspace, http=http, store=store, clock=clock, audit=audit, env=env
@@ -263,6 +271,8 @@ async def run_daemon(
                 await nursery.start(store.run, [p.credentials_file for p in services.providers.values()])
             registry, bus, shutdown_signal = services.registry, services.bus, services.shutdown
             await nursery.start(registry.run)
+            if services.keeper is not None:
+                await nursery.start(services.keeper.run)
             app = create_app(services)
 
             async def shutdown() -> None:
@@ -287,6 +297,18 @@ async def run_daemon(
         if cause is None:
             raise
         raise ListenError(hc.bind[0], cause) from None
+
+
+def describe_providers(config: Config) -> list[str]:
+    """`id (kind, where it is)` per configured provider, in order: for the start-up line and `qwen-serve check`."""
+    described = []
+    if config.qwen_oauth.enabled:
+        described.append(f"{QWEN_OAUTH_ID} (qwen-oauth, base_url {config.qwen_oauth.base_url})")
+    for provider in config.providers:
+        endpoint = provider.device_authorization_endpoint
+        where = f"issuer {provider.issuer}" if endpoint is None else f"device_authorization_endpoint {endpoint}"
+        described.append(f"{provider.provider_id} ({provider.kind}, {where})")
+    return described
 
 
 def _warn_about_missing_client_secrets(config: Config, env: Mapping[str, str]) -> None:

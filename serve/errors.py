@@ -18,6 +18,7 @@
     ├── RateLimited                 429 rate_limited                  + Retry-After
     ├── TooManySubscribers          429 too_many_subscribers   (the event stream's handshake)
     ├── UpstreamError               502 upstream_error   (static message; IdP text never reaches the wire)
+    │                                   (+ `failure` and a static `hint` when a `Diagnosis` says why)
     └── ShuttingDown                503 shutting_down
 
     ConfigError      start-up only: a bad configuration key (exit 2)
@@ -28,6 +29,8 @@ Bodies are rendered by `serve.wire.error_body`. Messages are static or built fro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import ClassVar
 
 
@@ -178,10 +181,53 @@ class TooManySubscribers(ServeError):
     default_message = "Too many event stream subscribers"
 
 
+class UpstreamFailure(StrEnum):
+    """Why an exchange with an identity provider failed, as a class a person can act on (a 502's `failure`)."""
+
+    IDP_UNREACHABLE = "idp_unreachable"  # connection refused, DNS, TLS, a proxy
+    IDP_TIMEOUT = "idp_timeout"
+    DISCOVERY_FAILED = "discovery_failed"  # no usable metadata document for the configured issuer
+    CLIENT_REJECTED = "client_rejected"  # invalid_client, unauthorized_client (and GitHub's names for them)
+    REQUEST_REJECTED = "request_rejected"  # invalid_request, invalid_scope: the configuration asks wrongly
+    CLIENT_SECRET_UNAVAILABLE = "client_secret_unavailable"  # the configured variable or file holds none
+    BAD_IDP_REPLY = "bad_idp_reply"  # an answer, but not a usable one (HTTP status, not JSON, unknown error)
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    """What went wrong with an IdP, for the person who can fix it.
+
+    `hint` is a static sentence saying what to check or change: it may reach the wire. `detail` holds the
+    facts behind it (exception type, IdP host, HTTP status, OAuth `error` code, sanitised and capped) for
+    stderr and `qwen-serve check` only, never the wire. Neither holds a secret or the IdP's free text.
+    """
+
+    failure: UpstreamFailure
+    hint: str
+    detail: str = ""
+
+
 class UpstreamError(ServeError):
+    """The IdP failed. The message stays static (the original's bodies); `diagnosis`, when known, adds the
+    body's `failure` and `hint` and the daemon's warning line."""
+
     status = 502
     code = "upstream_error"
     default_message = "device-flow upstream request failed"
+
+    def __init__(self, message: str | None = None, diagnosis: Diagnosis | None = None) -> None:
+        super().__init__(message)
+        self.diagnosis = diagnosis
+
+    def copy(self) -> UpstreamError:
+        """A fresh exception with the same message and diagnosis (one instance per task that raises it)."""
+        return UpstreamError(self.message, self.diagnosis)
+
+
+class LogoutFailed(ServeError):
+    status = 500
+    code = "logout_failed"
+    default_message = "the credentials file could not be deleted"
 
 
 class ShuttingDown(ServeError):

@@ -94,7 +94,32 @@ class FlowCancelled:
     device_flow_id: str
 
 
-AuthEvent = FlowStarted | FlowThrottled | FlowAuthorized | FlowFailed | FlowCancelled
+@dataclass(frozen=True, slots=True)
+class CredentialsRefreshed:
+    """The daemon refreshed a provider's access token (RFC 6749 §6); `expires_at_ms` is the new expiry."""
+
+    provider_id: str
+    expires_at_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsInvalid:
+    """The IdP refused the refresh token: the credentials need a new login."""
+
+    provider_id: str
+    error_kind: ErrorKind
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsRemoved:
+    """A logout deleted the provider's credentials file."""
+
+    provider_id: str
+
+
+FlowEvent = FlowStarted | FlowThrottled | FlowAuthorized | FlowFailed | FlowCancelled
+CredentialsEvent = CredentialsRefreshed | CredentialsInvalid | CredentialsRemoved
+AuthEvent = FlowEvent | CredentialsEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +136,7 @@ class AuthState(StrEnum):
     AUTHENTICATED = "authenticated"
     EXPIRED = "expired"
     UNAUTHENTICATED = "unauthenticated"
+    INVALID = "invalid"  # the IdP refused the refresh token: log in again
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +146,7 @@ class CredentialSummary:
     expires_at_ms: int | None  # the access token's expiry (`expiry_date`), if the file says
     updated_at_ms: int  # the file's mtime
     account_alias: str | None = None
+    obtained_at_ms: int | None = None  # when the tokens were issued (`obtained_at`), if the file says
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +162,15 @@ class ProviderAuthStatus:
 
 # --- what a client reads back (serve.client) -------------------------------------------------------------
 # Statuses and error kinds stay strings here: a client must tolerate values a newer daemon adds.
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedOut:
+    """`DELETE /workspace/auth/providers/{providerId}`: `revocation` is revoked, failed, unsupported or none."""
+
+    provider_id: str
+    removed: bool
+    revocation: str
 
 
 @dataclass(frozen=True, slots=True)

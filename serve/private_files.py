@@ -224,6 +224,41 @@ def read_private(root: Path, relative: str, *, limit: int = 1 << 20) -> tuple[os
         os.close(dir_fd)
 
 
+def remove_private(root: Path, relative: str) -> bool:
+    """Unlink `root/relative`, reached as `write_private` reaches it; False when it was not there.
+
+    Raises `SymlinkedDirectory` for a symlinked directory on the way, else `OSError`.
+    """
+    fs = FileSystem()
+    parts = _parts(relative)
+    try:
+        dir_fd, _ = _open_directories(fs, Path(root), parts[:-1], create=False)
+    except FileNotFoundError:
+        return False
+    try:
+        os.unlink(parts[-1], dir_fd=dir_fd)
+        _fsync_directory(fs, dir_fd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(dir_fd)
+
+
+def open_lock_file(root: Path, relative: str) -> int:
+    """A descriptor of the lock file `root/relative + ".lock"` (made 0600, directories 0700, no symlink
+    followed), for `fcntl.flock`. The caller closes it; the file itself stays (deleting a lock file
+    another process holds open would let a third one lock a new file)."""
+    fs = FileSystem()
+    parts = _parts(relative)
+    dir_fd, _ = _open_directories(fs, Path(root), parts[:-1], create=True)
+    try:
+        flags = os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC
+        return os.open(parts[-1] + ".lock", flags, FILE_MODE, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def sweep_temp_files(root: Path, relatives: Iterable[str]) -> int:
     """Remove the temp files a killed writer left beside these targets; returns how many it removed.
 

@@ -30,6 +30,13 @@ credential writes; `dispose()` ends them all. The states of one provider's login
 A write given up on (its bound passed) can no longer land: its `CommitGate` is abandoned, so the outcome
 the flow reports is what is on disk.
 
+Every failed start and every failed poll also writes one WARNING line to the `serve.registry` logger
+(stderr in the CLI), naming the provider, the flow (a failed start has none yet), the failure's class and
+its safe detail, and the hint saying what to fix (see `serve.errors.Diagnosis`):
+
+    device-flow start failed: provider=acme deviceFlowId=- (no flow yet) failure=client_rejected
+        detail="HTTP 401 error=invalid_client from 127.0.0.1:41234" hint="the identity provider rejected ..."
+
     AUTHORIZED | EXPIRED | ERROR | CANCELLED ── terminal_grace_s ──► gone (lookups 404, the sweeper evicts)
 
 Every arrow into a terminal state goes through `transition_terminal`, which is true once per flow and
@@ -39,6 +46,7 @@ PKCE verifier at once. The only timing lives here: providers never sleep or retr
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import uuid
@@ -48,18 +56,20 @@ from dataclasses import dataclass, field
 
 import trio
 
-from serve.audit import Audit
+from serve.audit import Audit, sanitize
 from serve.clock import WallClock
 from serve.config import DeviceFlowConfig
 from serve.credentials import CommitGate, Credentials, CredentialStore
 from serve.errors import (
     DeviceFlowNotFound,
+    Diagnosis,
     PersistError,
     RateLimited,
     ShuttingDown,
     TooManyActiveFlows,
     UnsupportedProvider,
     UpstreamError,
+    UpstreamFailure,
 )
 from serve.events import EventBus
 from serve.lifecycle import Shutdown
@@ -85,6 +95,7 @@ from serve.providers.base import (
     PollSuccess,
     PollTransient,
 )
+from serve.providers.oauth import HINT_TIMEOUT, DiagnosedFailure, DiagnosedTransient
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +141,43 @@ def transient_backoff(interval: float, failures: int, config: DeviceFlowConfig) 
     # (+) SPEC §3: a doubling back-off capped at max_interval_s (60 s). It is computed from the RFC
     # interval, which stays unchanged, so the first OAuth reply puts polling back on its normal pace.
     return float(min(interval * 2**failures, config.max_interval_s))
+
+
+def _diagnosis(result: PollResult) -> Diagnosis | None:
+    return result.diagnosis if isinstance(result, DiagnosedFailure | DiagnosedTransient) else None
+
+
+def _log_failure(
+    step: str,
+    provider_id: str,
+    device_flow_id: str | None,
+    diagnosis: Diagnosis | None,
+    outcome: str | None = None,
+    *,
+    detail: str | None = None,
+    hint: str | None = None,
+) -> None:
+    """One WARNING line for a failed start or poll: never a secret (a diagnosis holds none) nor IdP text.
+
+    `detail` and `hint` (a poll result's static reason and hint) stand in when there is no diagnosis.
+    """
+    flow = f"{device_flow_id[:8]}..." if device_flow_id is not None else "- (no flow yet)"
+    parts = [f"device-flow {step} failed:", f"provider={sanitize(provider_id)}", f"deviceFlowId={flow}"]
+    if diagnosis is not None:
+        parts.append(f"failure={diagnosis.failure.value}")
+        detail, hint = diagnosis.detail, diagnosis.hint
+    if detail is not None:
+        parts.append(f"detail={_quoted(detail)}")
+    if outcome is not None:
+        parts.append(f"outcome={_quoted(outcome)}")
+    if hint is not None:
+        parts.append(f"hint={_quoted(hint)}")
+    logger.warning("%s", " ".join(parts))
+
+
+def _quoted(text: str) -> str:
+    # JSON string escaping keeps the line one line, whatever it quotes.
+    return json.dumps(sanitize(text), ensure_ascii=False)
 
 
 @dataclass(eq=False, slots=True)
@@ -331,6 +379,8 @@ class DeviceFlowRegistry:
         await attempt.done.wait()
         if attempt.error is not None:
             # A fresh exception per waiter: one instance raised in many tasks would share a traceback.
+            if isinstance(attempt.error, UpstreamError):
+                raise attempt.error.copy()
             raise type(attempt.error)(attempt.error.message)
         assert attempt.flow is not None
         if attached:
@@ -458,7 +508,8 @@ class DeviceFlowRegistry:
                 try:
                     authorization = await provider.start()
                 except UpstreamError as exc:
-                    attempt.error = UpstreamError(exc.message)
+                    attempt.error = exc.copy()
+                    _log_failure("start", attempt.provider_id, None, exc.diagnosis)
                 except Exception as exc:
                     # Per-flow boundary: a provider breaking its contract fails this start, not the daemon.
                     logger.error("device-flow start for %s failed: %s", attempt.provider_id, type(exc).__name__)
@@ -468,7 +519,12 @@ class DeviceFlowRegistry:
                     # dispose() ran meanwhile: no new flow; an unused device code simply expires at the IdP.
                     attempt.error = ShuttingDown()
                 elif authorization is None:
-                    attempt.error = UpstreamError(START_TIMEOUT_MESSAGE)
+                    timeout_s = self._config.start_timeout_s
+                    detail = f"no device authorization within start_timeout_s ({timeout_s:g} s)"
+                    attempt.error = UpstreamError(
+                        START_TIMEOUT_MESSAGE, Diagnosis(UpstreamFailure.IDP_TIMEOUT, HINT_TIMEOUT, detail)
+                    )
+                    _log_failure("start", attempt.provider_id, None, attempt.error.diagnosis)
                 else:
                     attempt.flow = self._open_flow(provider, attempt, authorization)
         finally:
@@ -593,6 +649,10 @@ class DeviceFlowRegistry:
                 case PollTransient(reason=reason):
                     failures += 1
                     if failures >= config.max_transient_failures:
+                        outcome = f"the flow ends error (upstream_error): {failures} transient faults in a row"
+                        _log_failure(
+                            "poll", flow.provider_id, flow.device_flow_id, _diagnosis(result), outcome, detail=reason
+                        )
                         self.transition_terminal(
                             flow,
                             FlowStatus.ERROR,
@@ -602,9 +662,15 @@ class DeviceFlowRegistry:
                         )
                         return
                     wait_s = transient_backoff(flow.interval_s, failures, config)
+                    outcome = f"next poll in {wait_s:g} s ({failures} of {config.max_transient_failures} faults)"
+                    _log_failure(
+                        "poll", flow.provider_id, flow.device_flow_id, _diagnosis(result), outcome, detail=reason
+                    )
                 case PollFailed(kind=kind, hint=hint):
                     # SPEC §3: expired_token ends `expired`, whoever noticed it.
                     status = FlowStatus.EXPIRED if kind is ErrorKind.EXPIRED_TOKEN else FlowStatus.ERROR
+                    outcome = f"the flow ends {status.value} ({kind.value})"
+                    _log_failure("poll", flow.provider_id, flow.device_flow_id, _diagnosis(result), outcome, hint=hint)
                     self.transition_terminal(flow, status, error_kind=kind, hint=hint)
                     return
                 case PollSuccess(credentials=credentials):
@@ -624,7 +690,10 @@ class DeviceFlowRegistry:
     async def _poll_once(self, flow: _Flow, authorization: DeviceAuthorization) -> PollResult:
         """One token request, shielded and bounded by poll_timeout_s (SPEC §3 (+): treated like persist)."""
         # SPEC §3: a poll tick that hits its bound is a transient fault, like a connection error.
-        result: PollResult = PollTransient("poll tick timed out")
+        detail = f"no token reply within poll_timeout_s ({self._config.poll_timeout_s:g} s)"
+        result: PollResult = DiagnosedTransient(
+            "poll tick timed out", Diagnosis(UpstreamFailure.IDP_TIMEOUT, HINT_TIMEOUT, detail)
+        )
         flow.busy = self._busy_scope(self._config.poll_timeout_s)
         try:
             with flow.busy:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from serve.config import QWEN_OAUTH_ID
 from serve.credentials import CredentialStore
-from serve.models import AuthState, ProviderAuthStatus
+from serve.models import AuthState, CredentialSummary, ProviderAuthStatus
 from serve.providers.base import DeviceFlowProvider
 from serve.providers.rfc8628 import is_derived_alias
 
@@ -15,12 +15,13 @@ def provider_statuses(
     providers: Iterable[DeviceFlowProvider],
     store: CredentialStore,
     now_ms: int,
+    is_invalid: Callable[[str, CredentialSummary], bool] = lambda _provider_id, _summary: False,
 ) -> list[ProviderAuthStatus]:
     """One cell per configured provider, in the given order. Never blocks (the store's cache only).
 
     `authenticated`: a credentials file whose access token has not expired (or whose expiry is unknown);
     `expired`: its expiry is at or before `now_ms`; `unauthenticated`: no file. The alias is the file's
-    only when `shown_alias` vouches for it.
+    only when `shown_alias` vouches for it. `invalid`: the file the IdP refused to refresh (`is_invalid`).
     """
     cells = []
     for provider in providers:
@@ -29,10 +30,13 @@ def provider_statuses(
             cells.append(ProviderAuthStatus(provider.provider_id, AuthState.UNAUTHENTICATED))
             continue
         expired = summary.expires_at_ms is not None and summary.expires_at_ms <= now_ms
+        state = AuthState.EXPIRED if expired else AuthState.AUTHENTICATED
+        if is_invalid(provider.provider_id, summary):
+            state = AuthState.INVALID
         cells.append(
             ProviderAuthStatus(
                 provider_id=provider.provider_id,
-                auth_state=AuthState.EXPIRED if expired else AuthState.AUTHENTICATED,
+                auth_state=state,
                 expires_at_ms=summary.expires_at_ms,
                 updated_at_ms=summary.updated_at_ms,
                 account_alias=shown_alias(provider.provider_id, summary.account_alias),

@@ -29,8 +29,17 @@ import trio
 from serve.credentials import CommitGate, Credentials
 from serve.errors import PersistError
 from serve.models import CredentialSummary
-from serve.private_files import CommitAbandoned, home_problem, sweep_temp_files, write_private
+from serve.private_files import (
+    CommitAbandoned,
+    SymlinkedDirectory,
+    home_problem,
+    read_private,
+    remove_private,
+    sweep_temp_files,
+    write_private,
+)
 from serve.private_files import FileSystem as FileSystem  # re-exported: tests build stores on a failing one
+from serve.secrets import Secret
 
 log = logging.getLogger("serve.store")
 _MAX_READ_BYTES = 1 << 20
@@ -68,6 +77,7 @@ class FileCredentialStore:
         self._fs = fs or FileSystem()
         self._entries: dict[str, _Entry] = {}
         self._lock = trio.Lock()  # one scan or write at a time, so a slow scan never undoes a save
+        self._changed = trio.Event()  # set (and replaced) whenever a cached summary changes
 
     def __repr__(self) -> str:
         return f"FileCredentialStore({str(self._home)!r})"
@@ -108,14 +118,55 @@ class FileCredentialStore:
             except OSError as exc:
                 raise PersistError(errno.errorcode.get(exc.errno or 0, "OSError")) from exc
             summary = _summarize(credentials.document.reveal(), info.st_mtime_ns)
-            self._entries[credentials.file_name] = _Entry(_signature(info), summary)
+            self._set_entry(credentials.file_name, _Entry(_signature(info), summary))
 
     def _write(self, file_name: str, data: bytes, gate: CommitGate | None) -> os.stat_result:
         """On a worker thread: the atomic write. Returns the new file's stat."""
         commit = gate.begin_commit if gate is not None else None
         return write_private(self._home, file_name, data, fs=self._fs, commit=commit)
 
+    async def remove(self, file_name: str) -> bool:
+        """Delete a credentials file (logout); False when there was none. Raises `PersistError`."""
+        self.path_of(file_name)
+        async with self._lock:
+            try:
+                removed = await trio.to_thread.run_sync(remove_private, self._home, file_name)
+            except SymlinkedDirectory as exc:
+                raise PersistError("ELOOP") from exc
+            except OSError as exc:
+                raise PersistError(errno.errorcode.get(exc.errno or 0, "OSError")) from exc
+            if file_name in self._entries:
+                self._set_entry(file_name, _Entry(_MISSING, None))
+            return removed
+
     # --- reading ------------------------------------------------------------------------------------
+
+    async def read_document(self, file_name: str) -> Secret[Mapping[str, object]] | None:
+        """The whole credentials document, read now from disk (not the cache), or None when missing or not
+        a JSON object. For the refresher and logout, which need its tokens; never for a status."""
+        try:
+            found = await trio.to_thread.run_sync(read_private, self._home, file_name)
+        except OSError:
+            return None
+        if found is None:
+            return None
+        try:
+            document = json.loads(found[1])
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(document, dict):
+            return None
+        found_document: Mapping[str, object] = document
+        return Secret(found_document)
+
+    def _set_entry(self, file_name: str, entry: _Entry) -> None:
+        self._entries[file_name] = entry
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Return at the next change of any cached summary (a login landed, a file was rewritten or removed)."""
+        await self._changed.wait()
 
     def summary(self, file_name: str) -> CredentialSummary | None:
         """The cached summary of one credentials file, or None when it does not exist. Never blocks."""
@@ -154,7 +205,7 @@ class FileCredentialStore:
                     # Keep what we knew and look again next time: the writer may not be done.
                     self._entries[name] = _Entry(None, self._entries[name].summary)
                 else:
-                    self._entries[name] = _Entry(signature, found)
+                    self._set_entry(name, _Entry(signature, found))
 
     async def run(
         self,
@@ -213,13 +264,16 @@ def _read_summary(path: Path, st: os.stat_result) -> CredentialSummary | _Unread
 
 def _summarize(document: Mapping[str, object], mtime_ns: int) -> CredentialSummary:
     """Expiry (`expiry_date`, epoch ms) and alias (`account_alias`) from a document; never a token."""
-    expiry = document.get("expiry_date")
-    expires_at_ms: int | None = None
-    if isinstance(expiry, int | float) and not isinstance(expiry, bool) and math.isfinite(expiry):
-        expires_at_ms = int(expiry)
     alias = document.get("account_alias")
     return CredentialSummary(
-        expires_at_ms=expires_at_ms,
+        expires_at_ms=_epoch_ms(document.get("expiry_date")),
         updated_at_ms=mtime_ns // 1_000_000,
         account_alias=alias if isinstance(alias, str) and alias else None,
+        obtained_at_ms=_epoch_ms(document.get("obtained_at")),
     )
+
+
+def _epoch_ms(value: object) -> int | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return int(value)
+    return None

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from serve.errors import ServeError, UnsupportedProvider
+from serve.errors import ServeError, UnsupportedProvider, UpstreamError
 from serve.models import (
     AuthEvent,
     AuthState,
     AuthStatusSnapshot,
     Capabilities,
+    CredentialsInvalid,
+    CredentialsRefreshed,
+    CredentialsRemoved,
     DeviceFlowInfo,
     Envelope,
     FlowAuthorized,
@@ -27,6 +30,7 @@ from serve.models import (
     FlowThrottled,
     FlowView,
     Frame,
+    LoggedOut,
     PendingFlow,
     ProviderAuthStatus,
     ProviderCell,
@@ -51,6 +55,9 @@ EVENT_TYPES: dict[type, str] = {
     FlowAuthorized: "auth_device_flow_authorized",
     FlowFailed: "auth_device_flow_failed",
     FlowCancelled: "auth_device_flow_cancelled",
+    CredentialsRefreshed: "auth_credentials_refreshed",
+    CredentialsInvalid: "auth_credentials_invalid",
+    CredentialsRemoved: "auth_credentials_removed",
 }
 
 
@@ -84,6 +91,15 @@ def event_data(event: AuthEvent) -> dict[str, Any]:
             return data
         case FlowCancelled():
             return {"deviceFlowId": event.device_flow_id}
+        case CredentialsRefreshed():
+            data = {"providerId": event.provider_id}
+            if event.expires_at_ms is not None:
+                data["expiresAt"] = event.expires_at_ms
+            return data
+        case CredentialsInvalid():
+            return {"providerId": event.provider_id, "errorKind": event.error_kind.value}
+        case CredentialsRemoved():
+            return {"providerId": event.provider_id}
     raise TypeError(f"not an auth event: {type(event).__name__}")
 
 
@@ -186,10 +202,12 @@ CELL_STATUS = {
     AuthState.AUTHENTICATED: "ok",
     AuthState.EXPIRED: "warning",
     AuthState.UNAUTHENTICATED: "not_started",
+    AuthState.INVALID: "error",
 }
 _CELL_HINT = {
     AuthState.EXPIRED: "access token expired; log in again",
     AuthState.UNAUTHENTICATED: "not logged in",
+    AuthState.INVALID: "the identity provider refused the refresh token; log in again",
 }
 
 
@@ -232,6 +250,11 @@ def status_body(
     }
 
 
+def logout_body(provider_id: str, removed: bool, revocation: str) -> dict[str, Any]:
+    """`DELETE /workspace/auth/providers/{providerId}`: what was removed and what the IdP said; no token."""
+    return {"providerId": provider_id, "removed": removed, "revocation": revocation}
+
+
 def error_body(error: ServeError) -> dict[str, Any]:
     """An error's JSON body: `error` first, then `code` when the class has one, then what the class adds."""
     out: dict[str, Any] = {"error": error.message}
@@ -239,6 +262,10 @@ def error_body(error: ServeError) -> dict[str, Any]:
         out["code"] = error.code
     if isinstance(error, UnsupportedProvider):
         out["supportedProviders"] = error.supported
+    if isinstance(error, UpstreamError) and error.diagnosis is not None:
+        # (+) After the original's two members: the failure's class and what to fix (static text).
+        out["failure"] = error.diagnosis.failure.value
+        out["hint"] = error.diagnosis.hint
     return out
 
 
@@ -304,6 +331,16 @@ def parse_capabilities(body: object) -> Capabilities:
         features=tuple(f for f in features if isinstance(f, str)),
         transports=tuple(t for t in transports if isinstance(t, str)),
         workspace_cwd=_req(obj, "workspaceCwd", str, what),
+    )
+
+
+def parse_logout(body: object) -> LoggedOut:
+    what = "DELETE /workspace/auth/providers/{providerId}"
+    obj = _obj(body, what)
+    return LoggedOut(
+        provider_id=_req(obj, "providerId", str, what),
+        removed=_req(obj, "removed", bool, what),
+        revocation=_req(obj, "revocation", str, what),
     )
 
 

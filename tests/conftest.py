@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,22 @@ TOKEN = "test-token-0123456789abcdef"
 
 def _test_config(**server: Any) -> Config:
     return load_config(overrides={"server": {"port": 0, "graceful_timeout_s": 0.5, **server}})
+
+
+@pytest.fixture(autouse=True)
+def restore_cli_loggers() -> Iterator[None]:
+    """`serve.cli.main` routes the `serve` and `hypercorn` loggers to the stderr of the moment (pytest's
+    capture, closed once the test ends): undo that, or later daemons' log lines hit a closed stream."""
+    saved = {}
+    for name in ("serve", "hypercorn"):
+        logger = logging.getLogger(name)
+        saved[name] = (logger.level, logger.propagate, list(logger.handlers))
+    yield
+    for name, (level, propagate, handlers) in saved.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.handlers[:] = handlers
 
 
 @pytest.fixture

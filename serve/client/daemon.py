@@ -26,6 +26,7 @@ from serve.models import (
     AuthStatusSnapshot,
     Capabilities,
     DeviceFlowInfo,
+    LoggedOut,
     ReceivedEvent,
     StreamHeartbeat,
     StreamHello,
@@ -150,6 +151,12 @@ class DaemonClient:
                 return False
             raise
         return True
+
+    async def logout(self, provider_id: str) -> LoggedOut:
+        """Log the daemon out of a provider: its pending login cancelled, its tokens revoked at the IdP when it
+        can, its credentials file deleted. Raises `DaemonHTTPError` (400 for an unknown provider)."""
+        path = "/workspace/auth/providers/" + quote(provider_id, safe="")
+        return self._parse(wire.parse_logout, await self._request("DELETE", path))
 
     async def get_auth_status(self) -> AuthStatusSnapshot:
         return self._parse(wire.parse_auth_status, await self._request("GET", "/workspace/auth/status"))

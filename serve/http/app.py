@@ -31,7 +31,15 @@ from serve.http.services import Services
 log = logging.getLogger("serve.http")
 
 # What `/capabilities` lists: only what works in this build (SPEC §2).
-FEATURES = ("health", "capabilities", "auth_device_flow", "auth_status_providers", "workspace_auth_events")
+FEATURES = (
+    "health",
+    "capabilities",
+    "auth_device_flow",
+    "auth_status_providers",
+    "workspace_auth_events",
+    "auth_token_refresh",
+    "auth_logout",
+)
 TRANSPORTS = ("rest", "ws-events")
 
 

@@ -9,7 +9,8 @@ token is a 401 and a strict path is gated even where no route serves it. The ord
     1 Host      loopback binds (or with extra_hosts): 127.0.0.1:P, localhost:P, [::1]:P or an extra host
     2 Origin    absent, the daemon's own, or in allow_origins
     3 bearer    every route but GET /health, when a token is configured (constant-time, as bytes)
-    4 strict    POST/DELETE /workspace/auth/device-flow* on a token-less daemon: 401 token_required
+    4 strict    POST/DELETE /workspace/auth/device-flow* and /workspace/auth/providers/* (logout) on a
+                token-less daemon: 401 token_required
     5 body      a declared Content-Length over max_body_bytes: 413
 """
 
@@ -41,7 +42,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-STRICT_PREFIX = "/workspace/auth/device-flow"
+STRICT_PREFIXES = ("/workspace/auth/device-flow", "/workspace/auth/providers")
 
 
 class Gates:
@@ -142,7 +143,7 @@ def _values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
 
 def _is_strict_path(path: str) -> bool:
     path = re.sub(r"/{2,}", "/", path)
-    return path == STRICT_PREFIX or path.startswith(STRICT_PREFIX + "/")
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in STRICT_PREFIXES)
 
 
 async def _send_error(scope: Scope, send: Send, error: ServeError) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from serve import __version__, wire
+from serve.errors import UpstreamFailure
 from serve.models import AuthState, ErrorKind, FlowStatus
 
 
@@ -38,6 +39,21 @@ SCHEMAS: dict[str, Any] = {
             "error": {"type": "string"},
             "code": {"type": "string"},
             "supportedProviders": {"type": "array", "items": {"type": "string"}},
+        },
+        "additionalProperties": False,
+    },
+    "UpstreamError": {
+        "type": "object",
+        "required": ["error", "code"],
+        "properties": {
+            "error": {"type": "string"},
+            "code": {"const": "upstream_error"},
+            "failure": {
+                "type": "string",
+                "enum": [failure.value for failure in UpstreamFailure],
+                "description": "why, as a class a person can act on (absent when unknown)",
+            },
+            "hint": {"type": "string", "description": "what to fix: a static sentence, never the IdP's text"},
         },
         "additionalProperties": False,
     },
@@ -122,6 +138,21 @@ SCHEMAS: dict[str, Any] = {
             "accountAlias": {"type": "string"},
             "authState": {"type": "string", "enum": [state.value for state in AuthState]},
             "updatedAt": _MS,
+        },
+        "additionalProperties": False,
+    },
+    "Logout": {
+        "type": "object",
+        "required": ["providerId", "removed", "revocation"],
+        "properties": {
+            "providerId": {"type": "string"},
+            "removed": {"type": "boolean", "description": "a credentials file was there and is deleted"},
+            "revocation": {
+                "type": "string",
+                "enum": ["revoked", "failed", "unsupported", "none"],
+                "description": "RFC 7009 at the IdP: done, not confirmed (the local logout still happened), "
+                "no revocation endpoint, or nothing to revoke",
+            },
         },
         "additionalProperties": False,
     },
@@ -214,7 +245,7 @@ def openapi_document() -> dict[str, Any]:
                         "409": _error("too_many_active_flows (Retry-After)"),
                         "413": _error("payload_too_large"),
                         "429": _error("rate_limited (Retry-After)"),
-                        "502": _error("upstream_error"),
+                        "502": _json(_ref("UpstreamError"), "upstream_error; `failure` and `hint` say why"),
                         "503": _error("shutting_down"),
                     },
                 }
@@ -239,6 +270,20 @@ def openapi_document() -> dict[str, Any]:
                         "400": _error("invalid_client_id"),
                         **_STRICT,
                         "404": _error("device_flow_not_found"),
+                    },
+                },
+            },
+            "/workspace/auth/providers/{providerId}": {
+                "parameters": [{"name": "providerId", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "delete": {
+                    "summary": "Log out: cancel its pending login, revoke its tokens at the IdP, delete its credentials",
+                    "parameters": [_CLIENT_ID],
+                    "responses": {
+                        "200": _json(_ref("Logout"), "logged out (also when there was nothing to remove)"),
+                        "400": _error("unsupported_provider or invalid_client_id"),
+                        **_STRICT,
+                        "500": _error("logout_failed: the credentials file could not be deleted"),
+                        "503": _error("shutting_down"),
                     },
                 },
             },

@@ -13,10 +13,11 @@ import re
 from quart import Quart, Response, request
 
 from serve import wire
-from serve.errors import InvalidClientId, InvalidRequest, ShuttingDown, UnsupportedProvider
+from serve.errors import InvalidClientId, InvalidRequest, LogoutFailed, PersistError, ShuttingDown, UnsupportedProvider
 from serve.http.openapi import openapi_document
 from serve.http.responses import json_response, read_json_body
 from serve.http.services import Services
+from serve.models import CredentialSummary
 from serve.status import provider_statuses
 
 CLIENT_ID_HEADER = "X-Qwen-Client-Id"
@@ -33,10 +34,15 @@ def client_id_from_request() -> str | None:
     return value
 
 
+def _never_invalid(_provider_id: str, _summary: CredentialSummary) -> bool:
+    return False
+
+
 def install(app: Quart, services: Services) -> None:
     """Register the device-flow routes, the status snapshot and `/openapi.json` on `app`."""
     registry = services.registry
     workspace_cwd = str(services.workspace)
+    is_invalid = services.keeper.is_invalid if services.keeper is not None else _never_invalid
 
     @app.post("/workspace/auth/device-flow")
     async def start_device_flow() -> Response:
@@ -67,7 +73,9 @@ def install(app: Quart, services: Services) -> None:
 
     @app.get("/workspace/auth/status")
     async def auth_status() -> Response:
-        cells = provider_statuses(services.providers.values(), services.store, services.clock.now_ms())
+        cells = provider_statuses(
+            services.providers.values(), services.store, services.clock.now_ms(), is_invalid=is_invalid
+        )
         return json_response(
             wire.status_body(
                 workspace_cwd=workspace_cwd,
@@ -76,6 +84,23 @@ def install(app: Quart, services: Services) -> None:
                 supported_providers=registry.supported_providers,
             )
         )
+
+    @app.delete("/workspace/auth/providers/<provider_id>")
+    async def logout(provider_id: str) -> Response:
+        """Revoke at the IdP (RFC 7009) when it can, delete the credentials file, end a pending login."""
+        if provider_id not in registry.supported_providers or services.keeper is None:
+            raise UnsupportedProvider(provider_id, registry.supported_providers)
+        client_id = client_id_from_request()
+        if services.shutdown.begun:
+            raise ShuttingDown
+        for flow in registry.pending():
+            if flow.provider_id == provider_id:
+                registry.cancel(flow.device_flow_id, client_id)
+        try:
+            result = await services.keeper.logout(provider_id)
+        except PersistError as exc:
+            raise LogoutFailed from exc
+        return json_response(wire.logout_body(result.provider_id, result.removed, result.revocation))
 
     @app.get("/openapi.json")
     async def openapi() -> Response:

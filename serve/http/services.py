@@ -10,6 +10,7 @@ from serve.clock import WallClock
 from serve.config import Config
 from serve.credentials import CredentialStore
 from serve.events import EventBus
+from serve.keeper import CredentialKeeper
 from serve.lifecycle import Shutdown
 from serve.providers.base import DeviceFlowProvider
 from serve.registry import DeviceFlowRegistry
@@ -28,3 +29,4 @@ class Services:
     store: CredentialStore
     providers: Mapping[str, DeviceFlowProvider]
     shutdown: Shutdown
+    keeper: CredentialKeeper | None = None  # refresh and logout; None over a store that is not files

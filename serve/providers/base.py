@@ -6,8 +6,9 @@ and never retries. `authorization_pending` and `slow_down` are values, not excep
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from serve.credentials import Credentials
 from serve.models import ErrorKind
@@ -83,3 +84,53 @@ class DeviceFlowProvider(Protocol):
 
     async def poll(self, authorization: DeviceAuthorization) -> PollResult:
         """One token request. Never raises for an IdP or network fault: those are `PollResult`s."""
+
+
+# --- after the login: refresh (RFC 6749 §6) and revocation (RFC 7009) ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshSucceeded:
+    """The new credentials document, the old refresh token kept in it when the IdP sent none."""
+
+    credentials: Credentials
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshRejected:
+    """The IdP refused the refresh (`invalid_grant`, or the client itself): only a new login helps."""
+
+    kind: ErrorKind
+    hint: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshTransient:
+    """A fault worth retrying; `reason` is static and short."""
+
+    reason: str
+
+
+RefreshResult = RefreshSucceeded | RefreshRejected | RefreshTransient
+# What a logout's revocation came to: "none" when there were no credentials to revoke.
+Revocation = Literal["revoked", "failed", "unsupported", "none"]
+
+
+@runtime_checkable
+class Refreshable(DeviceFlowProvider, Protocol):
+    """A provider whose credentials the daemon can refresh."""
+
+    @property
+    def refresh_enabled(self) -> bool:
+        """Whether the daemon should keep them fresh (`refresh = "auto"`)."""
+
+    async def refresh(self, document: Secret[Mapping[str, object]]) -> RefreshResult:
+        """One refresh grant with the document's refresh token. Never raises for an IdP or network fault."""
+
+
+@runtime_checkable
+class Revocable(DeviceFlowProvider, Protocol):
+    """A provider that can revoke its tokens at the IdP on logout."""
+
+    async def revoke(self, document: Secret[Mapping[str, object]]) -> Revocation:
+        """Revoke the refresh token, then the access token; "unsupported" without a revocation endpoint."""

@@ -7,25 +7,35 @@
   sent as strings, a missing `interval`, a `verification_uri_complete` on a foreign origin), refusing
   what would mislead a user (a long or unprintable user code, a URL with userinfo).
 - PKCE (RFC 7636, S256 only).
+- Diagnoses (`serve.errors.Diagnosis`): each failure's class, the static hint saying what to fix, and the
+  safe facts behind it (exception type, IdP host, HTTP status, the OAuth `error` code) for stderr. A failed
+  start raises `UpstreamError` with one; a failed or transient poll returns `DiagnosedFailure` /
+  `DiagnosedTransient`, which the registry's warning line reads.
 
 Hints and reasons built here are static sentences: an IdP's `error_description` (or any other text it sends)
-never reaches one. Only error codes from the fixed RFC 6749 / RFC 8628 vocabulary are named.
+never reaches one. Only error codes from the fixed RFC 6749 / RFC 8628 vocabulary are named; any other
+code reaches a diagnosis's `detail` only, stripped to RFC 6749's error-code characters and capped.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import math
+import re
 import secrets
-from collections.abc import Callable, Mapping
+import socket
+import ssl
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 
-from serve.errors import UpstreamError
+from serve.errors import Diagnosis, UpstreamError, UpstreamFailure
 from serve.models import ErrorKind
 from serve.netloc import url_problem
 from serve.providers.base import (
@@ -56,8 +66,102 @@ _TERMINAL_KINDS = {
 }
 _TRANSIENT_CODES = frozenset({"server_error", "temporarily_unavailable"})
 _KNOWN_UPSTREAM_CODES = frozenset(
-    {"invalid_request", "invalid_client", "unauthorized_client", "unsupported_grant_type", "invalid_scope"}
+    {
+        "invalid_request",
+        "invalid_client",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        # GitHub's names for an unknown client and for an app whose device flow is not enabled.
+        "incorrect_client_credentials",
+        "device_flow_disabled",
+    }
 )
+# Codes that say the client itself is refused: unknown, wrongly authenticated, or without the grant.
+_CLIENT_CODES = frozenset({"invalid_client", "incorrect_client_credentials"})
+_GRANT_CODES = frozenset({"unauthorized_client", "unsupported_grant_type", "device_flow_disabled"})
+MAX_ERROR_CODE_CHARS = 64  # an unknown `error` code in a diagnosis's detail, after stripping
+
+# How the provider authenticates, which decides what a client refusal asks a person to fix: "public" sends
+# no secret, "confidential" sends one, "builtin" is qwen-oauth's fixed client (only base_url can be wrong).
+ClientKind = Literal["public", "confidential", "builtin"]
+
+# --- what to fix, per failure (static sentences: they reach the wire as a 502's `hint`) --------------------
+
+HINT_UNREACHABLE = (
+    "the identity provider could not be reached (connection refused, unknown host or a proxy): check the "
+    "provider's URL (issuer, endpoints or base_url), that the IdP is running, and HTTPS_PROXY / NO_PROXY"
+)
+HINT_TLS = (
+    "the identity provider's TLS certificate was not accepted: if a private CA signed it, point SSL_CERT_FILE "
+    "at that CA's bundle, and check that the URL's host is the one the certificate names"
+)
+HINT_TIMEOUT = (
+    "the identity provider did not answer in time: check that it is healthy and that the URL reaches it "
+    "(a firewall that drops packets looks like this)"
+)
+HINT_TOO_LARGE = "the identity provider's reply was over 1 MiB: the URL does not point at an OAuth endpoint"
+HINT_BROKEN_REPLY = "the connection to the identity provider broke mid-reply: check the URL and any proxy in between"
+HINT_REDIRECTED = (
+    "the identity provider answered with a redirect, which the daemon never follows: configure the URL the "
+    "redirect points to"
+)
+HINT_NOT_AN_ENDPOINT = (
+    "the URL is not an endpoint the identity provider serves (HTTP 404 or 405): check the configured URL "
+    "(device_authorization_endpoint, token_endpoint, issuer or base_url)"
+)
+HINT_REFUSED_WITHOUT_CODE = (
+    "the identity provider refused the request without an OAuth error code: check that the URL is the IdP's "
+    "endpoint, not a web page or a proxy's"
+)
+HINT_IDP_FAILING = "the identity provider failed (HTTP 5xx or server_error): try again later; its own logs say why"
+HINT_NOT_JSON = "the identity provider's reply was not JSON: the URL probably serves a web page, not the IdP's endpoint"
+HINT_UNUSABLE_AUTHORIZATION = (
+    "the device authorization reply lacks device_code, user_code or verification_uri, or holds something "
+    "unsafe to show (a URL with userinfo or plain http to another host, a user code with control characters)"
+)
+HINT_NO_ACCESS_TOKEN = "the token reply carried no access_token: the identity provider does not speak RFC 8628 there"
+HINT_OTHER_ERROR = (
+    "the identity provider refused the request with an error code that does not fit here: its own logs say why "
+    "(the daemon's stderr names the code)"
+)
+HINT_CLIENT_PUBLIC = (
+    "the identity provider rejected the client: check client_id (is it registered at this issuer, in this "
+    "realm or tenant?); a confidential client also needs client_secret_env or client_secret_file"
+)
+HINT_CLIENT_CONFIDENTIAL = (
+    "the identity provider rejected the client: check client_id and its secret; if the IdP registers the "
+    "client as public, remove client_secret_env / client_secret_file and client_auth"
+)
+HINT_CLIENT_BUILTIN = (
+    "the identity provider at base_url does not accept qwen-code's client: check [providers.qwen-oauth] "
+    "base_url or $QWEN_OAUTH_BASE_URL"
+)
+HINT_GRANT_NOT_ENABLED = (
+    "the identity provider does not let this client use the device authorization grant: enable it for the "
+    'client (Keycloak: "OAuth 2.0 Device Authorization Grant"; Entra ID: "Allow public client flows"; '
+    'GitHub: "Enable Device Flow")'
+)
+HINT_INVALID_SCOPE = "the identity provider refused the requested scope: check the provider's scope"
+HINT_INVALID_REQUEST = (
+    "the identity provider refused the request as malformed: check client_auth, pkce, scope and extra_params "
+    "against what it expects (some IdPs answer so to a secret sent for a public client)"
+)
+_REQUEST_HINTS = {"invalid_scope": HINT_INVALID_SCOPE, "invalid_request": HINT_INVALID_REQUEST}
+
+
+@dataclass(frozen=True, slots=True)
+class DiagnosedFailure(PollFailed):
+    """A terminal `upstream_error` and why: the wire shows `hint`, the daemon's warning line the diagnosis."""
+
+    diagnosis: Diagnosis
+
+
+@dataclass(frozen=True, slots=True)
+class DiagnosedTransient(PollTransient):
+    """A fault worth retrying, and why (for the daemon's warning line)."""
+
+    diagnosis: Diagnosis
 
 
 class ReplyTooLarge(Exception):
@@ -238,6 +342,119 @@ def is_displayable_user_code(user_code: str) -> bool:
     return 0 < len(user_code) <= MAX_USER_CODE_CHARS and user_code.isprintable() and not user_code.isspace()
 
 
+# --- diagnoses: why an exchange failed, and what to fix -----------------------------------------------
+
+
+def idp_host(url: httpx.URL) -> str:
+    """`host[:port]` of an IdP URL, never its userinfo, path or query: where a diagnosis says it failed."""
+    host = url.host
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    return f"{host}:{url.port}" if url.port is not None else host
+
+
+# RFC 6749 §5.2: error codes are %x20-21 / %x23-5B / %x5D-7E (printable ASCII without `"` and `\`).
+_NOT_ERROR_CODE_CHARS = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+
+def safe_error_code(error: str) -> str:
+    """An IdP's `error` code fit for a log line: a known code as is, any other one stripped to RFC 6749's
+    error-code characters and capped at `MAX_ERROR_CODE_CHARS`."""
+    if error in _KNOWN_UPSTREAM_CODES or error in _TERMINAL_KINDS or error in _TRANSIENT_CODES:
+        return error
+    clean = _NOT_ERROR_CODE_CHARS.sub("", error)
+    return clean if len(clean) <= MAX_ERROR_CODE_CHARS else clean[: MAX_ERROR_CODE_CHARS - 1] + "…"
+
+
+def transport_diagnosis(exc: Exception, where: str) -> Diagnosis:
+    """Why a request got no usable answer: a timeout, a connection that failed (TLS and unknown hosts told
+    apart), a reply over `MAX_REPLY_BYTES`, or one that broke mid-way."""
+    name = type(exc).__name__
+    if isinstance(exc, ReplyTooLarge):
+        return Diagnosis(UpstreamFailure.BAD_IDP_REPLY, HINT_TOO_LARGE, f"a reply over 1 MiB from {where}")
+    if isinstance(exc, httpx.TimeoutException):
+        return Diagnosis(UpstreamFailure.IDP_TIMEOUT, HINT_TIMEOUT, f"{name} from {where}")
+    if isinstance(exc, httpx.NetworkError | httpx.ProxyError | httpx.UnsupportedProtocol):
+        causes = list(_causes(exc))
+        tls = next((cause for cause in causes if isinstance(cause, ssl.SSLError)), None)
+        if tls is not None:
+            return Diagnosis(
+                UpstreamFailure.IDP_UNREACHABLE, HINT_TLS, f"{name} (TLS: {type(tls).__name__}) to {where}"
+            )
+        if any(isinstance(cause, socket.gaierror) for cause in causes):
+            return Diagnosis(UpstreamFailure.IDP_UNREACHABLE, HINT_UNREACHABLE, f"{name} (unknown host) to {where}")
+        numbers = [cause.errno for cause in causes if isinstance(cause, OSError)]
+        codes = [errno.errorcode[number] for number in numbers if number is not None and number in errno.errorcode]
+        why = f" ({codes[0]})" if codes else ""
+        return Diagnosis(UpstreamFailure.IDP_UNREACHABLE, HINT_UNREACHABLE, f"{name}{why} to {where}")
+    return Diagnosis(UpstreamFailure.BAD_IDP_REPLY, HINT_BROKEN_REPLY, f"{name} from {where}")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, its causes and contexts, and the members of exception groups among them, each once."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack and len(seen) < 64:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        stack.extend(linked for linked in (current.__cause__, current.__context__) if linked is not None)
+
+
+def reply_diagnosis(
+    reply: Reply, where: str, *, client: ClientKind | None = None, unusable_hint: str = HINT_OTHER_ERROR
+) -> Diagnosis:
+    """Why an IdP's answer is not the one asked for: its OAuth `error` code first, then its HTTP status, then
+    its body; `unusable_hint` for a 2xx JSON reply that still lacks what was asked for."""
+    fields = reply.fields
+    status = reply.status_code
+    error = fields.get("error") if fields is not None else None
+    if isinstance(error, str) and error:
+        return error_code_diagnosis(error, status, where, client=client)
+    detail = f"HTTP {status} from {where}"
+    if 300 <= status < 400:
+        return Diagnosis(UpstreamFailure.BAD_IDP_REPLY, HINT_REDIRECTED, detail)
+    if status >= 500:
+        return Diagnosis(UpstreamFailure.BAD_IDP_REPLY, HINT_IDP_FAILING, detail)
+    if status in (404, 405, 410):
+        return Diagnosis(UpstreamFailure.BAD_IDP_REPLY, HINT_NOT_AN_ENDPOINT, detail)
+    if fields is None:
+        return Diagnosis(UpstreamFailure.BAD_IDP_REPLY, HINT_NOT_JSON, f"HTTP {status}, not JSON, from {where}")
+    if status >= 400:
+        return Diagnosis(UpstreamFailure.BAD_IDP_REPLY, HINT_REFUSED_WITHOUT_CODE, detail)
+    return Diagnosis(UpstreamFailure.BAD_IDP_REPLY, unusable_hint, f"HTTP {status}, not a usable reply, from {where}")
+
+
+def error_code_diagnosis(error: str, status: int, where: str, *, client: ClientKind | None = None) -> Diagnosis:
+    """Why an IdP answered with OAuth `error` code `error` (RFC 6749 §5.2, RFC 8628 §3.5, GitHub's names)."""
+    detail = f"HTTP {status} error={safe_error_code(error)} from {where}"
+    if error in _CLIENT_CODES or (error in _GRANT_CODES and client == "builtin"):
+        return Diagnosis(UpstreamFailure.CLIENT_REJECTED, _client_hint(client), detail)
+    if error in _GRANT_CODES:
+        return Diagnosis(UpstreamFailure.CLIENT_REJECTED, HINT_GRANT_NOT_ENABLED, detail)
+    request_hint = _REQUEST_HINTS.get(error)
+    if request_hint is not None:
+        return Diagnosis(UpstreamFailure.REQUEST_REJECTED, request_hint, detail)
+    if error in _TRANSIENT_CODES:
+        return Diagnosis(UpstreamFailure.BAD_IDP_REPLY, HINT_IDP_FAILING, detail)
+    return Diagnosis(UpstreamFailure.BAD_IDP_REPLY, HINT_OTHER_ERROR, detail)
+
+
+def _client_hint(client: ClientKind | None) -> str:
+    match client:
+        case "builtin":
+            return HINT_CLIENT_BUILTIN
+        case "confidential":
+            return HINT_CLIENT_CONFIDENTIAL
+        case "public":
+            return HINT_CLIENT_PUBLIC
+    return "the identity provider rejected the client: check client_id, client_auth and the client secret"
+
+
 # --- token response classification (SPEC §3) ------------------------------------------------------
 
 
@@ -246,33 +463,41 @@ def classify_token_reply(
     *,
     label: str,
     on_success: Callable[[Mapping[str, object]], PollResult],
+    where: str = "the IdP",
+    client: ClientKind | None = None,
 ) -> PollResult:
     """Classify a token endpoint reply by its `error` member first, then by HTTP status.
 
     `label` names the IdP in hints ("Qwen" → "Qwen IdP returned access_denied"). `on_success` turns a 2xx
-    reply carrying an access token into the provider's `PollSuccess`.
+    reply carrying an access token into the provider's `PollSuccess`. Upstream errors and transient faults
+    come back diagnosed (`where`, the IdP's host, and `client` shape the diagnosis).
     """
     fields = reply.fields
     error = fields.get("error") if fields is not None else None
     if isinstance(error, str) and error:
-        return _classify_error_code(error, label, fields or {})
+        return _classify_error_code(error, label, reply, where, client)
     status = reply.status_code
     if 200 <= status < 300 and fields is not None:
         token = fields.get("access_token")
         if isinstance(token, str) and token:
             return on_success(fields)
-        return PollFailed(ErrorKind.UPSTREAM_ERROR, f"{label} IdP returned no access token")
+        diagnosis = Diagnosis(
+            UpstreamFailure.BAD_IDP_REPLY, HINT_NO_ACCESS_TOKEN, f"HTTP {status}, no access_token, from {where}"
+        )
+        return DiagnosedFailure(ErrorKind.UPSTREAM_ERROR, f"{label} IdP returned no access token", diagnosis)
+    diagnosis = reply_diagnosis(reply, where, client=client)
     if 300 <= status < 400:
         # Token POSTs never follow redirects: a redirected credential is a credential sent elsewhere.
-        return PollFailed(ErrorKind.UPSTREAM_ERROR, f"{label} IdP redirected the token request")
+        return DiagnosedFailure(ErrorKind.UPSTREAM_ERROR, f"{label} IdP redirected the token request", diagnosis)
     if status >= 500:
-        return PollTransient(f"IdP answered HTTP {status}")
+        return DiagnosedTransient(f"IdP answered HTTP {status}", diagnosis)
     if fields is None:
-        return PollTransient("IdP reply was not JSON")
-    return PollFailed(ErrorKind.UPSTREAM_ERROR, f"{label} IdP returned an unexpected response")
+        return DiagnosedTransient("IdP reply was not JSON", diagnosis)
+    return DiagnosedFailure(ErrorKind.UPSTREAM_ERROR, f"{label} IdP returned an unexpected response", diagnosis)
 
 
-def _classify_error_code(error: str, label: str, fields: Mapping[str, object]) -> PollResult:
+def _classify_error_code(error: str, label: str, reply: Reply, where: str, client: ClientKind | None) -> PollResult:
+    fields = reply.fields or {}
     if error == "authorization_pending":
         return PollPending()
     if error == "slow_down":
@@ -281,28 +506,36 @@ def _classify_error_code(error: str, label: str, fields: Mapping[str, object]) -
     kind = _TERMINAL_KINDS.get(error)
     if kind is not None:
         return PollFailed(kind, f"{label} IdP returned {error}")
+    diagnosis = error_code_diagnosis(error, reply.status_code, where, client=client)
     if error in _TRANSIENT_CODES:
-        return PollTransient(f"IdP returned {error}")
+        return DiagnosedTransient(f"IdP returned {error}", diagnosis)
     if error in _KNOWN_UPSTREAM_CODES:
-        return PollFailed(ErrorKind.UPSTREAM_ERROR, f"{label} IdP returned {error}")
-    return PollFailed(ErrorKind.UPSTREAM_ERROR, f"{label} IdP returned an unexpected error")
+        return DiagnosedFailure(ErrorKind.UPSTREAM_ERROR, f"{label} IdP returned {error}", diagnosis)
+    return DiagnosedFailure(ErrorKind.UPSTREAM_ERROR, f"{label} IdP returned an unexpected error", diagnosis)
 
 
 async def request_device_authorization(
-    http: httpx.AsyncClient, request: httpx.Request, code_verifier: Secret[str] | None, *, failure: str
+    http: httpx.AsyncClient,
+    request: httpx.Request,
+    code_verifier: Secret[str] | None,
+    *,
+    failure: str,
+    client: ClientKind | None = None,
 ) -> DeviceAuthorization:
     """Send a device authorization request and parse its reply (RFC 8628 §3.1-3.2), for every provider.
 
-    Raises `UpstreamError(failure)` (a static message) when the IdP cannot be reached, answers too much, or
-    answers anything but a usable device authorization.
+    Raises `UpstreamError(failure)` (a static message) with a diagnosis when the IdP cannot be reached,
+    answers too much, or answers anything but a usable device authorization.
     """
+    where = idp_host(request.url)
     try:
         reply = await send(http, request)
     except (httpx.HTTPError, ReplyTooLarge) as exc:
-        raise UpstreamError(failure) from exc
+        raise UpstreamError(failure, transport_diagnosis(exc, where)) from exc
     authorization = parse_device_authorization(reply, code_verifier)
     if authorization is None:
-        raise UpstreamError(failure)
+        diagnosis = reply_diagnosis(reply, where, client=client, unusable_hint=HINT_UNUSABLE_AUTHORIZATION)
+        raise UpstreamError(failure, diagnosis)
     return authorization
 
 
@@ -312,14 +545,16 @@ async def poll_token_endpoint(
     *,
     label: str,
     on_success: Callable[[Mapping[str, object]], PollResult],
+    client: ClientKind | None = None,
 ) -> PollResult:
     """Send one token request and classify the reply; network faults and oversized replies are transient."""
+    where = idp_host(request.url)
     try:
         reply = await send(http, request)
-    except httpx.TimeoutException:
-        return PollTransient("IdP request timed out")
-    except httpx.HTTPError:
-        return PollTransient("IdP connection failed")
-    except ReplyTooLarge:
-        return PollTransient("IdP reply too large")
-    return classify_token_reply(reply, label=label, on_success=on_success)
+    except httpx.TimeoutException as exc:
+        return DiagnosedTransient("IdP request timed out", transport_diagnosis(exc, where))
+    except httpx.HTTPError as exc:
+        return DiagnosedTransient("IdP connection failed", transport_diagnosis(exc, where))
+    except ReplyTooLarge as exc:
+        return DiagnosedTransient("IdP reply too large", transport_diagnosis(exc, where))
+    return classify_token_reply(reply, label=label, on_success=on_success, where=where, client=client)

@@ -61,7 +61,9 @@ class QwenOAuthProvider:
             },
             headers={"x-request-id": str(uuid.uuid4())},
         )
-        return await oauth.request_device_authorization(self._http, request, code_verifier, failure=START_FAILED)
+        return await oauth.request_device_authorization(
+            self._http, request, code_verifier, failure=START_FAILED, client="builtin"
+        )
 
     async def poll(self, authorization: DeviceAuthorization) -> PollResult:
         """One token request; IdP and network faults come back as `PollResult`s."""
@@ -73,7 +75,9 @@ class QwenOAuthProvider:
         if authorization.code_verifier is not None:
             form["code_verifier"] = authorization.code_verifier.reveal()
         request = oauth.form_request(self._http, self._token_url, form)
-        return await oauth.poll_token_endpoint(self._http, request, label=_LABEL, on_success=self._success)
+        return await oauth.poll_token_endpoint(
+            self._http, request, label=_LABEL, on_success=self._success, client="builtin"
+        )
 
     def _success(self, fields: Mapping[str, object]) -> PollResult:
         document: dict[str, object] = {key: fields[key] for key in _DOCUMENT_KEYS if fields.get(key) is not None}

@@ -2,14 +2,33 @@
 //
 //   QWEN_SERVER_TOKEN=<token> node sdk_interop.mjs <daemon-url> <scenario>
 //
-// Scenarios: capabilities | login | cancel | errors | deny. Each step prints one JSON line on stdout:
+// Scenarios: capabilities | login | cancel | errors | deny | stream. Each step prints one JSON line on stdout:
 //   {"step": <name>, "ok": true, "value": <what the SDK returned>}
 //   {"step": <name>, "ok": false, "error": {"name", "isDaemonHttpError", "status", "body", "message"}}
 // The script asserts nothing: test_sdk_interop.py reads these lines and holds the assertions. It exits 1 on an
 // unexpected failure (a step that must succeed threw, or an error that is not a DaemonHttpError), with the
 // stack on stderr. The token travels in the environment, never on the command line.
+//
+// `stream` reads a JSON array on stdin: the frames a client read from the daemon's event stream
+// (WS /workspace/auth/events, recorded by the test: the SDK has no client for it), and runs the SDK's
+// validators, its auth and session reducers, its UI normalizer and its transcript reducer over them.
 
-import { DaemonClient, DaemonHttpError, requireWorkspaceCwd } from '@qwen-code/sdk/daemon';
+import {
+  DaemonClient,
+  DaemonHttpError,
+  asKnownDaemonEvent,
+  createDaemonAuthState,
+  createDaemonTranscriptState,
+  isDaemonEventType,
+  isKnownDaemonEvent,
+  normalizeDaemonEvent,
+  reduceDaemonAuthEvent,
+  reduceDaemonAuthEvents,
+  reduceDaemonSessionEvents,
+  reduceDaemonTranscriptEvents,
+  requireWorkspaceCwd,
+  selectUnrecognizedDiagnostics,
+} from '@qwen-code/sdk/daemon';
 
 const FETCH_TIMEOUT_MS = 10_000;
 const AWAIT_TIMEOUT_MS = 30_000;
@@ -57,6 +76,43 @@ function client(baseUrl, token) {
 }
 
 /** Start a qwen-oauth login through the high-level helper and wait for its terminal state. */
+async function readStdin() {
+  const chunks = [];
+  for await (const chunk of process.stdin) chunks.push(chunk);
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+/** What the SDK makes of each frame, one by one and as a whole stream. */
+async function consumeStream(frames) {
+  await step('validators', () =>
+    frames.map((frame) => ({
+      type: frame.type,
+      isKnownDaemonEvent: isKnownDaemonEvent(frame),
+      asKnownDaemonEvent: asKnownDaemonEvent(frame) !== undefined,
+      isDaemonEventType: isDaemonEventType(frame, frame.type),
+    })),
+  );
+  // Frame by frame: whether each one changed the auth state (the reducer returns the same object otherwise).
+  await step('reduceDaemonAuthEvent', () => {
+    let state = createDaemonAuthState();
+    return frames.map((frame) => {
+      const next = reduceDaemonAuthEvent(state, frame);
+      const changed = next !== state;
+      state = next;
+      return { type: frame.type, changed };
+    });
+  });
+  await step('reduceDaemonAuthEvents', () => reduceDaemonAuthEvents(frames));
+  await step('reduceDaemonAuthEvents, device-flow events only', () =>
+    reduceDaemonAuthEvents(frames.filter((frame) => frame.type.startsWith('auth_device_flow_'))),
+  );
+  await step('reduceDaemonSessionEvents', () => reduceDaemonSessionEvents(frames));
+  const uiEvents = await step('normalizeDaemonEvent', () => frames.map((frame) => normalizeDaemonEvent(frame)));
+  await step('selectUnrecognizedDiagnostics', () =>
+    selectUnrecognizedDiagnostics(reduceDaemonTranscriptEvents(createDaemonTranscriptState(), uiEvents.flat())),
+  );
+}
+
 async function loginUntilSettled(daemon) {
   const handle = await step('auth.start', () => daemon.auth.start({ providerId: 'qwen-oauth' }));
   const throttled = [];
@@ -82,6 +138,13 @@ const SCENARIOS = {
 
   async deny({ daemon }) {
     await loginUntilSettled(daemon);
+  },
+
+  async stream({ daemon }) {
+    const frames = JSON.parse(await readStdin());
+    await consumeStream(frames);
+    await step('capabilities', () => daemon.capabilities());
+    await step('getAuthStatus', () => daemon.getAuthStatus());
   },
 
   async cancel({ daemon }) {

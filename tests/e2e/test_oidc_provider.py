@@ -5,6 +5,8 @@ Each test starts the provider on 127.0.0.1 (a free port) and a daemon, in this T
 own HTML forms (code entry, confirmation, sign-in, consent) over httpx with a cookie jar, and checks what the
 daemon's clients see (REST, the WebSocket events, the status snapshot) and what it wrote to disk. The provider
 reports each token request it answered (the outcome only), so the tests also check how the daemon polled.
+After the login, the tests ask the provider itself (RFC 7662 introspection) whether the daemon's refreshes
+kept the grant alive and whether its logout revoked it.
 
 The provider comes from tests/e2e/node_modules, installed from the committed lockfile by
 `npm ci --prefix tests/e2e --omit=peer` (the nox `tests` session does it); without it these tests fail, they do
@@ -13,6 +15,7 @@ not skip. Codes and tokens stay inside `Secret`s: no assertion message here can 
 
 from __future__ import annotations
 
+import itertools
 import json
 import stat
 import time
@@ -54,13 +57,17 @@ TEST_TIMEOUT_S = 30
 # The script's default `interval` (0.2 s): the daemon polls that fast (its `min_interval_s` is 0.05 here).
 IDP_INTERVAL_S = 0.2
 TOKEN_KEYS = ("access_token", "refresh_token", "id_token")
+REFRESH_GRANT_TYPE = "refresh_token"
 
 
 # --- the setting: a provider, a daemon, a client of the daemon, its event stream and a person --------------
 
 
-def daemon_config(idp: OidcProvider, *, confidential: bool, device_flow: dict[str, Any]) -> Config:
-    """A daemon on 127.0.0.1:0 whose only provider is `oidc`, by discovery from the issuer alone."""
+def daemon_config(
+    idp: OidcProvider, *, confidential: bool, device_flow: dict[str, Any], refresh: dict[str, Any] | None = None
+) -> Config:
+    """A daemon on 127.0.0.1:0 whose only provider is `oidc`, by discovery from the issuer alone (its `refresh`
+    is the default, "auto"); `refresh` overrides the `[refresh]` section."""
     provider: dict[str, Any] = {"kind": "rfc8628", "issuer": idp.issuer, "scope": SCOPE}
     if confidential:
         provider |= {
@@ -74,6 +81,7 @@ def daemon_config(idp: OidcProvider, *, confidential: bool, device_flow: dict[st
         overrides={
             "server": {"port": 0, "graceful_timeout_s": 0.5},
             "device_flow": {"min_interval_s": 0.05, **device_flow},
+            "refresh": refresh or {},
             "providers": {"qwen-oauth": {"enabled": False}, PROVIDER_ID: provider},
         }
     )
@@ -131,20 +139,43 @@ async def setting(
     tmp_path: Path,
     *script_args: str,
     confidential: bool = False,
+    refresh: dict[str, Any] | None = None,
     **device_flow: Any,
 ) -> AsyncIterator[Setting]:
-    """`oidc_idp.mjs *script_args` and a daemon logging in to it (`[device_flow]` overrides as keywords)."""
+    """`oidc_idp.mjs *script_args` and a daemon logging in to it (`[refresh]` overrides as `refresh`,
+    `[device_flow]` overrides as keywords)."""
     node = node_for_oidc_provider()
-    async with serve_oidc_provider(node, *script_args, log_dir=tmp_path) as idp:
-        env = {SECRET_ENV: idp.client_secret.reveal()} if confidential else {}
-        config = daemon_config(idp, confidential=confidential, device_flow=device_flow)
-        async with (
-            start_daemon(config, env=env) as daemon,
-            loopback_client(base_url=daemon.url, headers=auth) as client,
-            open_events(daemon, auth) as events,
-            open_person() as person,
-        ):
-            yield Setting(idp, client, events, person, qwen_home / "device-flow" / f"{PROVIDER_ID}.json")
+    async with (
+        serve_oidc_provider(node, *script_args, log_dir=tmp_path) as idp,
+        daemon_for(
+            idp, start_daemon, auth, qwen_home, confidential=confidential, refresh=refresh, device_flow=device_flow
+        ) as s,
+    ):
+        yield s
+
+
+@asynccontextmanager
+async def daemon_for(
+    idp: OidcProvider,
+    start_daemon: StartDaemon,
+    auth: dict[str, str],
+    qwen_home: Path,
+    *,
+    confidential: bool = False,
+    refresh: dict[str, Any] | None = None,
+    device_flow: dict[str, Any] | None = None,
+) -> AsyncIterator[Setting]:
+    """A daemon (and its client, its event stream, a person) for a provider already running: leaving the block
+    stops the daemon only, so a test can start another one on the same `$QWEN_HOME`."""
+    env = {SECRET_ENV: idp.client_secret.reveal()} if confidential else {}
+    config = daemon_config(idp, confidential=confidential, device_flow=device_flow or {}, refresh=refresh)
+    async with (
+        start_daemon(config, env=env) as daemon,
+        loopback_client(base_url=daemon.url, headers=auth) as client,
+        open_events(daemon, auth) as events,
+        open_person() as person,
+    ):
+        yield Setting(idp, client, events, person, qwen_home / "device-flow" / f"{PROVIDER_ID}.json")
 
 
 # --- reading the credentials file without printing a token ---------------------------------------------------
@@ -445,3 +476,159 @@ async def test_the_provider_revokes_the_grant_when_a_redeemed_device_code_is_pol
     assert active_before == [True, True]
     assert second == "invalid_grant"
     assert active_after == [False, False]
+
+
+# --- after the login: refresh (RFC 6749 §6) and logout (RFC 7009) ---------------------------------------------
+
+# The provider's access-token lifetime for the refresh tests (whole seconds), and the daemon's skew: each
+# access token is refreshed 1 s before it expires, so a refresh lands every second or so.
+ACCESS_TOKEN_TTL_S = 2
+REFRESH = {"skew_s": 1}
+# How many access-token lifetimes the login must stay `ok` through, with nobody touching it.
+LIFETIMES = 3
+# How often the refresh tests read the status snapshot, as a client showing it would.
+STATUS_SAMPLE_S = 0.1
+LOGOUT_PATH = f"/workspace/auth/providers/{PROVIDER_ID}"
+
+
+async def sample_cells(s: Setting, samples: list[tuple[str, str]]) -> None:
+    """Read the provider's status cell every `STATUS_SAMPLE_S`, forever: `(status, authState)` per reading."""
+    while True:
+        [cell] = await s.provider_cells()
+        samples.append((cell["status"], cell["authState"]))
+        await trio.sleep(STATUS_SAMPLE_S)
+
+
+async def follow_refreshes(
+    s: Setting, login_facts: dict[str, Any], login_tokens: dict[str, Secret[str]]
+) -> list[dict[str, Any]]:
+    """Follow the daemon refreshing the login until `LIFETIMES` access-token lifetimes have passed since it was
+    obtained, checking each refresh as it lands: its event, the rewritten file, and what the provider says of the
+    new tokens and of the refresh token it replaced. Returns each refresh's file members (no token)."""
+    refreshed: list[dict[str, Any]] = []
+    previous = login_tokens
+    end_ms = login_facts["obtained_at"] + LIFETIMES * ACCESS_TOKEN_TTL_S * 1000
+    while time.time() * 1000 < end_ms:
+        # Each refresh before the access token it replaces expires, or a client would see `expired`.
+        event: dict[str, Any] | None = None
+        with trio.move_on_after(ACCESS_TOKEN_TTL_S):
+            event = await next_event(s.events)
+        assert event is not None, f"no refresh within an access-token lifetime ({len(refreshed)} so far)"
+        assert event["type"] == "auth_credentials_refreshed", event
+        facts, tokens = read_credentials(s.credentials_path)
+        assert event["data"] == {"providerId": PROVIDER_ID, "expiresAt": facts["expiry_date"]}
+        assert sorted(tokens) == ["access_token", "id_token", "refresh_token"]
+        assert facts["expiry_date"] == facts["obtained_at"] + ACCESS_TOKEN_TTL_S * 1000
+        assert facts["account_alias"] == NICKNAME
+        assert stat.S_IMODE(s.credentials_path.stat().st_mode) == 0o600
+        assert tokens["access_token"].reveal() != previous["access_token"].reveal(), "the access token did not change"
+        # oidc-provider rotates a public client's refresh token at each use: the new one is what the file holds.
+        assert tokens["refresh_token"].reveal() != previous["refresh_token"].reveal(), (
+            "the refresh token was not rotated"
+        )
+        access = await s.idp.introspect(tokens["access_token"])
+        refresh = await s.idp.introspect(tokens["refresh_token"])
+        replaced = await s.idp.introspect(previous["refresh_token"])
+        assert (access["active"], access["client_id"], access["sub"]) == (True, s.idp.public_client_id, LOGIN)
+        assert (refresh["active"], refresh["sub"]) == (True, LOGIN)
+        assert replaced == {"active": False}, "the rotated-away refresh token is still usable"
+        refreshed.append(facts)
+        previous = tokens
+    return refreshed
+
+
+async def expect_refreshed_through_several_lifetimes(
+    s: Setting, login_facts: dict[str, Any], login_tokens: dict[str, Secret[str]]
+) -> None:
+    """The login stays `ok` through `LIFETIMES` access-token lifetimes with no person involved: refreshed at the
+    provider each time, the status cell `ok` at every reading, the first access token dead by the end."""
+    samples: list[tuple[str, str]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sample_cells, s, samples)
+        refreshed = await follow_refreshes(s, login_facts, login_tokens)
+        nursery.cancel_scope.cancel()
+    first_access = await s.idp.introspect(login_tokens["access_token"])
+    first_refresh = await s.idp.introspect(login_tokens["refresh_token"])
+
+    # One refresh per (lifetime - skew) or so: at least one per lifetime, each a fresh lifetime.
+    assert len(refreshed) >= LIFETIMES, len(refreshed)
+    obtained = [login_facts["obtained_at"], *(facts["obtained_at"] for facts in refreshed)]
+    assert obtained == sorted(set(obtained))
+    assert max(b - a for a, b in itertools.pairwise(obtained)) < ACCESS_TOKEN_TTL_S * 1000
+    assert len(samples) >= LIFETIMES * ACCESS_TOKEN_TTL_S / STATUS_SAMPLE_S / 2, len(samples)
+    assert set(samples) == {("ok", "authenticated")}, sorted(set(samples))
+    # The provider refreshed exactly that often, never refusing (a reused refresh token would revoke the grant).
+    assert s.idp.token_outcomes(REFRESH_GRANT_TYPE) == ["ok"] * len(refreshed)
+    assert first_access == {"active": False}, "the first access token outlived its lifetime"
+    assert first_refresh == {"active": False}
+
+
+async def test_a_short_lived_access_token_is_refreshed_so_the_login_stays_ok_with_no_person_involved(
+    start_daemon: StartDaemon, auth: dict[str, str], qwen_home: Path, tmp_path: Path
+) -> None:
+    """Issue 12: with a 2 s access token the login stays `ok` through three lifetimes on the daemon's refreshes."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with setting(
+            start_daemon, auth, qwen_home, tmp_path, "--access-token-ttl", str(ACCESS_TOKEN_TTL_S), refresh=REFRESH
+        ) as s:
+            flow = await s.start_login()
+            await approve(s.person, flow)
+            facts, tokens = await expect_authorized(s, flow)
+            assert facts["expires_in"] == ACCESS_TOKEN_TTL_S
+            await expect_refreshed_through_several_lifetimes(s, facts, tokens)
+
+
+async def test_a_daemon_started_over_a_login_keeps_it_fresh(
+    start_daemon: StartDaemon, auth: dict[str, str], qwen_home: Path, tmp_path: Path
+) -> None:
+    """A daemon (re)started over the credentials another one wrote refreshes them before they expire, rotating the
+    refresh token as the provider asks, and its status stays `ok` through three access-token lifetimes."""
+    node = node_for_oidc_provider()
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with serve_oidc_provider(node, "--access-token-ttl", str(ACCESS_TOKEN_TTL_S), log_dir=tmp_path) as idp:
+            async with daemon_for(idp, start_daemon, auth, qwen_home, refresh=REFRESH) as first:
+                flow = await first.start_login()
+                await approve(first.person, flow)
+                facts, tokens = await expect_authorized(first, flow)
+            assert facts["expires_in"] == ACCESS_TOKEN_TTL_S
+            # The first daemon has stopped within the access token's first second: the second one refreshes it.
+            async with daemon_for(idp, start_daemon, auth, qwen_home, refresh=REFRESH) as second:
+                await expect_refreshed_through_several_lifetimes(second, facts, tokens)
+
+
+async def test_logout_revokes_the_grant_at_the_provider_and_removes_the_credentials(
+    start_daemon: StartDaemon, auth: dict[str, str], qwen_home: Path, tmp_path: Path
+) -> None:
+    """Issue 12: `DELETE /workspace/auth/providers/oidc` revokes at the provider's `revocation_endpoint`."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with setting(start_daemon, auth, qwen_home, tmp_path) as s:
+            metadata = await s.idp.metadata()
+            flow = await s.start_login()
+            await approve(s.person, flow)
+            _, tokens = await expect_authorized(s, flow)
+            active_before = [
+                (await s.idp.introspect(tokens[key]))["active"] for key in ("access_token", "refresh_token")
+            ]
+            reply = await s.client.delete(LOGOUT_PATH)
+            removed = await next_event(s.events)
+            cells = await s.provider_cells()
+            access = await s.idp.introspect(tokens["access_token"])
+            refresh = await s.idp.introspect(tokens["refresh_token"])
+            again = await s.client.delete(LOGOUT_PATH)
+
+    assert metadata["revocation_endpoint"] == f"{s.idp.issuer}/token/revocation"
+    assert active_before == [True, True]
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == {"providerId": PROVIDER_ID, "removed": True, "revocation": "revoked"}
+    assert not s.credentials_path.exists()
+    assert removed["type"] == "auth_credentials_removed"
+    assert removed["data"] == {"providerId": PROVIDER_ID}
+    assert [(c["providerId"], c["status"], c["authState"]) for c in cells] == [
+        (PROVIDER_ID, "not_started", "unauthenticated")
+    ]
+    # RFC 7009 §2.1: revoking the refresh token may end the whole grant; oidc-provider does, so both are dead.
+    assert access == {"active": False}
+    assert refresh == {"active": False}
+    # A second logout has nothing to remove and nothing to revoke.
+    assert again.status_code == 200, again.text
+    assert again.json() == {"providerId": PROVIDER_ID, "removed": False, "revocation": "none"}

@@ -39,6 +39,7 @@ from support.login import (
     closed_port_url,
     generic_idp,
     generic_provider,
+    login_config,
     oauth_error,
     pending_replies,
     qwen_daemon,
@@ -1082,3 +1083,12 @@ async def test_stop_waiting_before_any_login_started(capsys: pytest.CaptureFixtu
     code = await cli_client._stop_waiting(cast(Any, None), conn, output, state, interrupted=True, timeout_s=None)
     assert code == 130
     assert capsys.readouterr().err == "qwen-serve: interrupted before a login started\n"
+
+
+async def test_a_failed_start_shows_the_daemons_hint(
+    start_daemon: StartDaemon, cli_env: dict[str, str], token: str
+) -> None:
+    async with start_daemon(login_config(closed_port_url())) as daemon:
+        done = await run_cli(login_args(daemon), with_token(cli_env, token))
+    assert_one_line_failure(done, cli_client.EXIT_FAILED, "answered 502 upstream_error: ")
+    assert "the identity provider could not be reached" in done.err and "the daemon's log has the details" in done.err

@@ -425,7 +425,7 @@ async def test_capabilities_lists_what_this_build_serves(
     assert response.text == (
         '{"v":1,"protocolVersions":{"current":"v1","supported":["v1"]},'
         f'"serverVersion":"{__version__}","mode":"native","features":["health","capabilities",'
-        '"auth_device_flow","auth_status_providers","workspace_auth_events"],'
+        '"auth_device_flow","auth_status_providers","workspace_auth_events","auth_token_refresh","auth_logout"],'
         f'"modelServices":[],"transports":["rest","ws-events"],"workspaceCwd":{json.dumps(str(workspace))}}}'
     )
 

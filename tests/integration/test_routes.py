@@ -47,6 +47,7 @@ from support.login import (
 
 from serve.audit import Audit
 from serve.daemon import RunningDaemon
+from serve.providers.oauth import HINT_TIMEOUT, HINT_UNREACHABLE
 
 # --- the original's bodies (WIRE-EXAMPLES), and ours for the (+) errors ----------------------------------
 
@@ -59,8 +60,15 @@ UNSUPPORTED_GITHUB = (
 INVALID_CLIENT_ID = (
     '{"error":"`X-Qwen-Client-Id` must be a non-empty token of 128 characters or fewer","code":"invalid_client_id"}'
 )
-QWEN_UPSTREAM = '{"error":"Qwen IdP device authorization request failed","code":"upstream_error"}'
-START_TIMEOUT = '{"error":"device-flow start timeout (upstream IdP unresponsive)","code":"upstream_error"}'
+# The original's `error` and `code`, then (+) the failure's class and its static hint (issue 12).
+QWEN_UPSTREAM = (
+    '{"error":"Qwen IdP device authorization request failed","code":"upstream_error",'
+    f'"failure":"idp_unreachable","hint":{json_text(HINT_UNREACHABLE)}}}'
+)
+START_TIMEOUT = (
+    '{"error":"device-flow start timeout (upstream IdP unresponsive)","code":"upstream_error",'
+    f'"failure":"idp_timeout","hint":{json_text(HINT_TIMEOUT)}}}'
+)
 TOO_MANY_ACTIVE = (
     '{"error":"Too many active device-flow attempts. Cancel one of the existing flows or wait for them to expire.",'
     '"code":"too_many_active_flows"}'

@@ -119,6 +119,14 @@ class OidcProvider:
         body: dict[str, Any] = reply.json()
         return body
 
+    async def metadata(self) -> dict[str, Any]:
+        """The provider's OpenID Connect discovery document."""
+        async with self._client() as client:
+            reply = await client.get("/.well-known/openid-configuration")
+        assert reply.status_code == 200, f"discovery answered HTTP {reply.status_code}"
+        body: dict[str, Any] = reply.json()
+        return body
+
     async def authorize_device(self, scope: str) -> DeviceAuthorization:
         """RFC 8628 §3.1 as the public client."""
         async with self._client() as client:

@@ -13,10 +13,15 @@ import pytest
 import trio
 from support.fake_idp import ABANDONED_STREAM_WARNING, EndlessStream, form_reply, json_reply, text_reply
 
+from serve.errors import Diagnosis, UpstreamFailure
 from serve.models import ErrorKind
 from serve.providers import oauth
-from serve.providers.base import PollFailed, PollPending, PollResult, PollSlowDown, PollTransient
+from serve.providers.base import PollFailed, PollPending, PollResult, PollSlowDown
+from serve.providers.oauth import DiagnosedFailure, DiagnosedTransient
 from serve.secrets import Secret
+
+UPSTREAM = ErrorKind.UPSTREAM_ERROR
+BAD_REPLY = UpstreamFailure.BAD_IDP_REPLY
 
 SUCCESS = PollPending()  # a sentinel the success callback returns, distinguishable from the rest by identity
 
@@ -64,17 +69,31 @@ def test_terminal_codes_map_to_their_kind_with_a_static_hint(code: str, kind: Er
 @pytest.mark.parametrize("code", ["server_error", "temporarily_unavailable"])
 @pytest.mark.parametrize("status", [400, 503, 200])
 def test_server_error_codes_are_transient(code: str, status: int) -> None:
-    assert classify(json_reply(status, {"error": code})) == PollTransient(f"IdP returned {code}")
+    diagnosis = Diagnosis(BAD_REPLY, oauth.HINT_IDP_FAILING, f"HTTP {status} error={code} from the IdP")
+    assert classify(json_reply(status, {"error": code})) == DiagnosedTransient(f"IdP returned {code}", diagnosis)
 
 
 def test_invalid_client_with_401_is_upstream_error() -> None:
     result = classify(json_reply(401, {"error": "invalid_client"}))
-    assert result == PollFailed(ErrorKind.UPSTREAM_ERROR, "Acme IdP returned invalid_client")
+    assert result == DiagnosedFailure(
+        UPSTREAM,
+        "Acme IdP returned invalid_client",
+        Diagnosis(
+            UpstreamFailure.CLIENT_REJECTED,
+            "the identity provider rejected the client: check client_id, client_auth and the client secret",
+            "HTTP 401 error=invalid_client from the IdP",
+        ),
+    )
 
 
 def test_an_unknown_error_code_is_upstream_error_and_not_echoed() -> None:
     result = classify(json_reply(400, {"error": "<script>alert(1)</script>"}))
-    assert result == PollFailed(ErrorKind.UPSTREAM_ERROR, "Acme IdP returned an unexpected error")
+    # The hint (the wire's) names no unknown code; the diagnosis's detail (stderr's) names it, stripped.
+    assert result == DiagnosedFailure(
+        UPSTREAM,
+        "Acme IdP returned an unexpected error",
+        Diagnosis(BAD_REPLY, oauth.HINT_OTHER_ERROR, "HTTP 400 error=<script>alert(1)</script> from the IdP"),
+    )
 
 
 def test_error_with_http_200_beats_an_access_token() -> None:
@@ -97,28 +116,37 @@ def test_2xx_with_an_access_token_is_success() -> None:
 
 def test_2xx_without_an_access_token_is_upstream_error() -> None:
     result = classify(json_reply(200, {"token_type": "Bearer"}))
-    assert result == PollFailed(ErrorKind.UPSTREAM_ERROR, "Acme IdP returned no access token")
+    diagnosis = Diagnosis(BAD_REPLY, oauth.HINT_NO_ACCESS_TOKEN, "HTTP 200, no access_token, from the IdP")
+    assert result == DiagnosedFailure(UPSTREAM, "Acme IdP returned no access token", diagnosis)
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
 def test_5xx_without_an_error_member_is_transient(status: int) -> None:
-    assert classify(text_reply(status, "<html>oops</html>")) == PollTransient(f"IdP answered HTTP {status}")
+    diagnosis = Diagnosis(BAD_REPLY, oauth.HINT_IDP_FAILING, f"HTTP {status} from the IdP")
+    assert classify(text_reply(status, "<html>oops</html>")) == DiagnosedTransient(
+        f"IdP answered HTTP {status}", diagnosis
+    )
 
 
 def test_a_non_json_body_is_transient() -> None:
-    assert classify(text_reply(400, "<html>Bad gateway</html>")) == PollTransient("IdP reply was not JSON")
-    assert classify(text_reply(200, "OK")) == PollTransient("IdP reply was not JSON")
+    for status in (400, 200):
+        diagnosis = Diagnosis(BAD_REPLY, oauth.HINT_NOT_JSON, f"HTTP {status}, not JSON, from the IdP")
+        assert classify(text_reply(status, "<html>Bad gateway</html>")) == DiagnosedTransient(
+            "IdP reply was not JSON", diagnosis
+        )
 
 
 def test_a_json_body_without_error_on_4xx_is_upstream_error() -> None:
     result = classify(json_reply(404, {"message": "nope"}))
-    assert result == PollFailed(ErrorKind.UPSTREAM_ERROR, "Acme IdP returned an unexpected response")
+    diagnosis = Diagnosis(BAD_REPLY, oauth.HINT_NOT_AN_ENDPOINT, "HTTP 404 from the IdP")
+    assert result == DiagnosedFailure(UPSTREAM, "Acme IdP returned an unexpected response", diagnosis)
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_a_redirect_is_upstream_error(status: int) -> None:
     response = httpx.Response(status, headers={"location": "https://evil.example/token"})
-    assert classify(response) == PollFailed(ErrorKind.UPSTREAM_ERROR, "Acme IdP redirected the token request")
+    diagnosis = Diagnosis(BAD_REPLY, oauth.HINT_REDIRECTED, f"HTTP {status} from the IdP")
+    assert classify(response) == DiagnosedFailure(UPSTREAM, "Acme IdP redirected the token request", diagnosis)
 
 
 def test_a_non_string_error_member_is_ignored() -> None:
@@ -381,14 +409,28 @@ async def test_send_never_follows_redirects() -> None:
 
 
 @pytest.mark.parametrize(
-    ("exc", "reason"),
+    ("exc", "reason", "diagnosis"),
     [
-        (httpx.ConnectError("refused"), "IdP connection failed"),
-        (httpx.ReadTimeout("slow"), "IdP request timed out"),
-        (httpx.RemoteProtocolError("bad"), "IdP connection failed"),
+        (
+            httpx.ConnectError("refused"),
+            "IdP connection failed",
+            Diagnosis(UpstreamFailure.IDP_UNREACHABLE, oauth.HINT_UNREACHABLE, "ConnectError to idp.example"),
+        ),
+        (
+            httpx.ReadTimeout("slow"),
+            "IdP request timed out",
+            Diagnosis(UpstreamFailure.IDP_TIMEOUT, oauth.HINT_TIMEOUT, "ReadTimeout from idp.example"),
+        ),
+        (
+            httpx.RemoteProtocolError("bad"),
+            "IdP connection failed",
+            Diagnosis(BAD_REPLY, oauth.HINT_BROKEN_REPLY, "RemoteProtocolError from idp.example"),
+        ),
     ],
 )
-async def test_poll_token_endpoint_network_faults_are_transient(exc: Exception, reason: str) -> None:
+async def test_poll_token_endpoint_network_faults_are_transient(
+    exc: Exception, reason: str, diagnosis: Diagnosis
+) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc
 
@@ -396,7 +438,7 @@ async def test_poll_token_endpoint_network_faults_are_transient(exc: Exception, 
         result = await oauth.poll_token_endpoint(
             http, http.build_request("POST", "https://idp.example/token"), label="Acme", on_success=lambda f: SUCCESS
         )
-    assert result == PollTransient(reason)
+    assert result == DiagnosedTransient(reason, diagnosis)
 
 
 @pytest.mark.filterwarnings(ABANDONED_STREAM_WARNING)
@@ -406,4 +448,5 @@ async def test_poll_token_endpoint_oversized_reply_is_transient() -> None:
         result = await oauth.poll_token_endpoint(
             http, http.build_request("POST", "https://idp.example/token"), label="Acme", on_success=lambda f: SUCCESS
         )
-    assert result == PollTransient("IdP reply too large")
+    diagnosis = Diagnosis(BAD_REPLY, oauth.HINT_TOO_LARGE, "a reply over 1 MiB from idp.example")
+    assert result == DiagnosedTransient("IdP reply too large", diagnosis)

@@ -18,16 +18,17 @@ import trio
 from support.fake_idp import ABANDONED_STREAM_WARNING, EndlessStream, FakeIdP, json_reply, text_reply
 
 from serve.config import QwenOAuthConfig
-from serve.errors import UpstreamError
+from serve.errors import Diagnosis, UpstreamError, UpstreamFailure
 from serve.models import ErrorKind
+from serve.providers import oauth
 from serve.providers.base import (
     DeviceAuthorization,
     PollFailed,
     PollPending,
     PollSlowDown,
     PollSuccess,
-    PollTransient,
 )
+from serve.providers.oauth import DiagnosedFailure, DiagnosedTransient
 from serve.providers.qwen import QwenOAuthProvider
 from serve.store import FileCredentialStore
 
@@ -241,18 +242,29 @@ async def test_terminal_codes(provider: QwenOAuthProvider, idp: FakeIdP, code: s
 async def test_invalid_client_with_401_is_upstream_error(provider: QwenOAuthProvider, idp: FakeIdP) -> None:
     idp.token_replies.append(json_reply(401, {"error": "invalid_client", "error_description": "IDP-TEXT-XYZ"}))
     result = await provider.poll(await provider.start())
-    assert result == PollFailed(ErrorKind.UPSTREAM_ERROR, "Qwen IdP returned invalid_client")
+    # qwen-oauth's client is built in: only base_url can be wrong.
+    diagnosis = Diagnosis(
+        UpstreamFailure.CLIENT_REJECTED, oauth.HINT_CLIENT_BUILTIN, "HTTP 401 error=invalid_client from chat.qwen.ai"
+    )
+    assert result == DiagnosedFailure(ErrorKind.UPSTREAM_ERROR, "Qwen IdP returned invalid_client", diagnosis)
     assert "IDP-TEXT-XYZ" not in repr(result)
 
 
 async def test_server_error_is_transient(provider: QwenOAuthProvider, idp: FakeIdP) -> None:
     idp.token_replies.append(json_reply(503, {"error": "temporarily_unavailable"}))
-    assert await provider.poll(await provider.start()) == PollTransient("IdP returned temporarily_unavailable")
+    diagnosis = Diagnosis(
+        UpstreamFailure.BAD_IDP_REPLY,
+        oauth.HINT_IDP_FAILING,
+        "HTTP 503 error=temporarily_unavailable from chat.qwen.ai",
+    )
+    result = await provider.poll(await provider.start())
+    assert result == DiagnosedTransient("IdP returned temporarily_unavailable", diagnosis)
 
 
 async def test_html_502_is_transient(provider: QwenOAuthProvider, idp: FakeIdP) -> None:
     idp.token_replies.append(text_reply(502, "<html>Bad Gateway</html>"))
-    assert await provider.poll(await provider.start()) == PollTransient("IdP answered HTTP 502")
+    diagnosis = Diagnosis(UpstreamFailure.BAD_IDP_REPLY, oauth.HINT_IDP_FAILING, "HTTP 502 from chat.qwen.ai")
+    assert await provider.poll(await provider.start()) == DiagnosedTransient("IdP answered HTTP 502", diagnosis)
 
 
 async def test_redirect_on_the_token_endpoint_is_refused_not_followed(idp: FakeIdP) -> None:
@@ -260,7 +272,8 @@ async def test_redirect_on_the_token_endpoint_is_refused_not_followed(idp: FakeI
     async with httpx.AsyncClient(transport=idp.transport(), follow_redirects=True) as http:
         provider = QwenOAuthProvider(QwenOAuthConfig(), http, now_ms=lambda: NOW_MS)
         result = await provider.poll(await provider.start())
-    assert result == PollFailed(ErrorKind.UPSTREAM_ERROR, "Qwen IdP redirected the token request")
+    diagnosis = Diagnosis(UpstreamFailure.BAD_IDP_REPLY, oauth.HINT_REDIRECTED, "HTTP 302 from chat.qwen.ai")
+    assert result == DiagnosedFailure(ErrorKind.UPSTREAM_ERROR, "Qwen IdP redirected the token request", diagnosis)
     assert [r.url.host for r in idp.requests] == ["chat.qwen.ai", "chat.qwen.ai"]
 
 
@@ -272,14 +285,18 @@ async def test_network_faults_on_poll_are_transient(idp: FakeIdP) -> None:
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
         provider = QwenOAuthProvider(QwenOAuthConfig(), http, now_ms=lambda: NOW_MS)
-        assert await provider.poll(await provider.start()) == PollTransient("IdP connection failed")
+        result = await provider.poll(await provider.start())
+    diagnosis = Diagnosis(UpstreamFailure.IDP_UNREACHABLE, oauth.HINT_UNREACHABLE, "ConnectError to chat.qwen.ai")
+    assert result == DiagnosedTransient("IdP connection failed", diagnosis)
 
 
 @pytest.mark.filterwarnings(ABANDONED_STREAM_WARNING)
 async def test_oversized_token_reply_is_transient(provider: QwenOAuthProvider, idp: FakeIdP) -> None:
     idp.token_replies.append(httpx.Response(200, stream=EndlessStream()))
     with trio.fail_after(5):
-        assert await provider.poll(await provider.start()) == PollTransient("IdP reply too large")
+        result = await provider.poll(await provider.start())
+    diagnosis = Diagnosis(UpstreamFailure.BAD_IDP_REPLY, oauth.HINT_TOO_LARGE, "a reply over 1 MiB from chat.qwen.ai")
+    assert result == DiagnosedTransient("IdP reply too large", diagnosis)
 
 
 # --- start failures: one static message -------------------------------------------------------------

@@ -18,11 +18,13 @@ import trio
 from support.fake_idp import ABANDONED_STREAM_WARNING, EndlessStream, FakeIdP, form_reply, json_reply
 
 from serve.config import Config, Rfc8628ProviderConfig, build_config
-from serve.errors import UpstreamError
+from serve.errors import Diagnosis, UpstreamError, UpstreamFailure
 from serve.models import AuthState, ErrorKind
-from serve.providers import build_providers
-from serve.providers.base import PollFailed, PollPending, PollSlowDown, PollSuccess, PollTransient
+from serve.providers import build_providers, oauth
+from serve.providers.base import PollFailed, PollPending, PollSlowDown, PollSuccess
+from serve.providers.oauth import DiagnosedFailure, DiagnosedTransient
 from serve.providers.rfc8628 import (
+    HINT_SECRET_UNAVAILABLE,
     Rfc8628Provider,
     account_alias,
     discovery_urls,
@@ -290,7 +292,13 @@ async def test_an_unavailable_client_secret_at_poll_is_upstream_error(
     authorization = await provider.start()
     secret_file.unlink()
     result = await provider.poll(authorization)
-    assert result == PollFailed(ErrorKind.UPSTREAM_ERROR, "acme: the client secret could not be read")
+    assert isinstance(result, DiagnosedFailure)
+    assert (result.kind, result.hint) == (ErrorKind.UPSTREAM_ERROR, "acme: the client secret could not be read")
+    assert result.diagnosis == Diagnosis(
+        UpstreamFailure.CLIENT_SECRET_UNAVAILABLE,
+        HINT_SECRET_UNAVAILABLE,
+        f"client_secret_file {secret_file} cannot be read or is empty",
+    )
 
 
 async def test_scope_and_extra_params_go_to_the_device_request_only(idp: FakeIdP, http: httpx.AsyncClient) -> None:
@@ -405,7 +413,8 @@ async def test_redirect_on_the_token_endpoint_is_upstream_error(idp: FakeIdP) ->
     async with httpx.AsyncClient(transport=idp.transport(), follow_redirects=True) as http:
         provider = make_provider(http)
         result = await provider.poll(await provider.start())
-    assert result == PollFailed(ErrorKind.UPSTREAM_ERROR, "acme IdP redirected the token request")
+    diagnosis = Diagnosis(UpstreamFailure.BAD_IDP_REPLY, oauth.HINT_REDIRECTED, "HTTP 307 from idp.example")
+    assert result == DiagnosedFailure(ErrorKind.UPSTREAM_ERROR, "acme IdP redirected the token request", diagnosis)
     assert all(r.url.host == "idp.example" for r in idp.requests)
 
 
@@ -414,7 +423,9 @@ async def test_an_oversized_token_reply_is_transient(idp: FakeIdP, http: httpx.A
     idp.token_replies.append(lambda request: httpx.Response(200, stream=EndlessStream()))
     provider = make_provider(http)
     with trio.fail_after(5):
-        assert await provider.poll(await provider.start()) == PollTransient("IdP reply too large")
+        result = await provider.poll(await provider.start())
+    diagnosis = Diagnosis(UpstreamFailure.BAD_IDP_REPLY, oauth.HINT_TOO_LARGE, "a reply over 1 MiB from idp.example")
+    assert result == DiagnosedTransient("IdP reply too large", diagnosis)
 
 
 async def test_start_with_an_error_reply_is_upstream_error(idp: FakeIdP, http: httpx.AsyncClient) -> None:

@@ -175,7 +175,7 @@ async def test_dispose_cancels_pending_flows_and_lets_a_write_in_flight_finish(a
         cancelled, authorized = terminal_envelopes(h)
         assert cancelled.event == FlowCancelled(waiting_id)
         assert cancelled.originator_client_id is None
-        assert authorized.event.device_flow_id == writing_id
+        assert isinstance(authorized.event, FlowAuthorized) and authorized.event.device_flow_id == writing_id
         assert f'status=cancelled hint="{SHUTDOWN_HINT}"' in h.audit_with(waiting_id[:8])[-1]
         with pytest.raises(ShuttingDown):
             await h.registry.start("waiting", None)

@@ -151,7 +151,8 @@ async def test_a_hung_start_times_out_at_thirty_seconds_and_frees_its_slot(autoj
         assert errors == [(30, START_TIMEOUT_MESSAGE)] * 2
         assert hung.start_times == [0]
         assert (await h.registry.start("other", None)).attached is False
-        assert h.bus.envelopes[0].event.device_flow_id == h.registry.pending()[0].device_flow_id
+        started = h.bus.envelopes[0].event
+        assert isinstance(started, FlowStarted) and started.device_flow_id == h.registry.pending()[0].device_flow_id
 
 
 async def test_an_idp_start_error_reaches_every_waiter_and_frees_the_slot(autojump_clock: MockClock) -> None:
