@@ -45,8 +45,8 @@ def tests(session: nox.Session) -> None:
 
 def _install_e2e_packages(session: nox.Session) -> None:
     """The npm packages of tests/e2e (the official TypeScript SDK, oidc-provider), exactly as
-    tests/e2e/package-lock.json pins them (peer-only
-    packages, TypeScript itself, are not needed at run time); skipped when node_modules matches the lock."""
+    tests/e2e/package-lock.json pins them (peer-only packages, TypeScript itself, are not needed at run
+    time); skipped when node_modules matches the lock."""
     digest = hashlib.sha256((E2E / "package-lock.json").read_bytes()).hexdigest()
     if NPM_STAMP.is_file() and NPM_STAMP.read_text().strip() == digest:
         session.log("tests/e2e/node_modules matches package-lock.json: npm ci skipped")

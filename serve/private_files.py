@@ -193,15 +193,13 @@ def read_private(root: Path, relative: str, *, limit: int = 1 << 20) -> tuple[os
     None when it or a directory on the way is missing, when it is a symlink or not a regular file, or when
     it holds more than `limit` bytes. Raises `SymlinkedDirectory` for a symlinked directory, else `OSError`.
     """
-    fs = FileSystem()
-    parts = _parts(relative)
-    try:
-        dir_fd, _ = _open_directories(fs, Path(root), parts[:-1], create=False)
-    except FileNotFoundError:
+    opened = _open_parent(root, relative)
+    if opened is None:
         return None
+    dir_fd, name = opened
     try:
         try:
-            fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dir_fd)
+            fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ELOOP):  # ELOOP: the file itself is a symlink
                 return None
@@ -224,20 +222,29 @@ def read_private(root: Path, relative: str, *, limit: int = 1 << 20) -> tuple[os
         os.close(dir_fd)
 
 
+def _open_parent(root: Path, relative: str) -> tuple[int, str] | None:
+    """The descriptor of `relative`'s directory (opened as `write_private` opens it) and the file's name;
+    None when a directory on the way is missing. The caller closes the descriptor."""
+    parts = _parts(relative)
+    try:
+        dir_fd, _ = _open_directories(FileSystem(), Path(root), parts[:-1], create=False)
+    except FileNotFoundError:
+        return None
+    return dir_fd, parts[-1]
+
+
 def remove_private(root: Path, relative: str) -> bool:
     """Unlink `root/relative`, reached as `write_private` reaches it; False when it was not there.
 
     Raises `SymlinkedDirectory` for a symlinked directory on the way, else `OSError`.
     """
-    fs = FileSystem()
-    parts = _parts(relative)
-    try:
-        dir_fd, _ = _open_directories(fs, Path(root), parts[:-1], create=False)
-    except FileNotFoundError:
+    opened = _open_parent(root, relative)
+    if opened is None:
         return False
+    dir_fd, name = opened
     try:
-        os.unlink(parts[-1], dir_fd=dir_fd)
-        _fsync_directory(fs, dir_fd)
+        os.unlink(name, dir_fd=dir_fd)
+        _fsync_directory(FileSystem(), dir_fd)
         return True
     except FileNotFoundError:
         return False

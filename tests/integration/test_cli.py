@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,21 +18,6 @@ from serve import __version__
 from serve.cli import main
 
 LISTENING = re.compile(r"^qwen-serve listening on (http://127\.0\.0\.1:(\d+)) \(workspace=(.+)\)\n$")
-
-
-@pytest.fixture(autouse=True)
-def restore_loggers() -> Iterator[None]:
-    """`main` routes the `serve` and `hypercorn` loggers to stderr; undo that for the tests that follow."""
-    saved = {}
-    for name in ("serve", "hypercorn"):
-        logger = logging.getLogger(name)
-        saved[name] = (logger.level, logger.propagate, list(logger.handlers))
-    yield
-    for name, (level, propagate, handlers) in saved.items():
-        logger = logging.getLogger(name)
-        logger.setLevel(level)
-        logger.propagate = propagate
-        logger.handlers[:] = handlers
 
 
 @pytest.fixture
