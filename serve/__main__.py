@@ -1,6 +1,6 @@
 """`python -m serve` is the `qwen-serve` command."""
 
-from serve.cli import main
+from serve.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -11,6 +11,7 @@ bodies in `serve.cli_client` (which loads `serve.client` only when one of them r
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -56,6 +57,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     command: Command = args.command
     return command.run(args, os.environ)
+
+
+def entry() -> NoReturn:
+    """The `qwen-serve` executable: `main()`, then a quick exit.
+
+    Everything is finished when `main` returns (the daemon drained, files written and fsynced), so the
+    interpreter's teardown (≈0.3 s of freeing modules) is skipped: atexit handlers run, logs and the
+    standard streams are flushed, then `os._exit`.
+    """
+    code = main()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    cli_client.exit_now(code)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -408,8 +408,11 @@ class DeviceFlowRegistry:
         self.transition_terminal(flow, FlowStatus.CANCELLED, canceller=client_id)
 
     def pending(self) -> list[FlowView]:
-        """The pending flows (persisting ones included), in start order: the status snapshot's list."""
-        return [self._view(flow) for flow in self._flows.values() if flow.status is FlowStatus.PENDING]
+        """The pending flows (persisting ones included), in start order: the status snapshot's list.
+
+        Read from the per-provider index, not the retained history: a status costs the same with thousands
+        of finished flows kept for their grace period."""
+        return [self._view(flow) for flow in self._pending.values()]
 
     # --- the one door to a terminal state -------------------------------------------------------------
 

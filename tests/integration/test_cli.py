@@ -230,3 +230,14 @@ async def test_peers_hanging_up_on_an_early_reject_log_no_tracebacks(
     assert statuses == {b"HTTP/1.1 401"}
     stderr = stderr_path.read_text()
     assert "Traceback" not in stderr and "ERROR" not in stderr, stderr[:3000]
+
+
+def test_the_executable_skips_teardown_but_keeps_exit_codes_atexit_handlers_and_output() -> None:
+    script = (
+        "import atexit, sys; atexit.register(lambda: print('atexit ran', flush=True)); "
+        "sys.argv = ['qwen-serve', *sys.argv[1:]]; from serve.cli import entry; entry()"
+    )
+    done = subprocess.run([sys.executable, "-c", script, "--version"], capture_output=True, text=True, timeout=20)
+    assert (done.returncode, done.stdout) == (0, f"qwen-serve {__version__}\natexit ran\n")
+    done = subprocess.run([sys.executable, "-c", script, "token", "../x"], capture_output=True, text=True, timeout=20)
+    assert (done.returncode, done.stderr) == (2, "qwen-serve: not a provider id: ../x\n")
