@@ -9,6 +9,7 @@ Field order follows the original `qwen serve` 0.24.4 byte for byte (`tests` comp
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -120,6 +121,23 @@ def envelope_json(envelope: Envelope) -> dict[str, Any]:
 def encode_envelope(envelope: Envelope) -> str:
     """The one JSON encoding of an event, shared by every subscriber."""
     return dumps(envelope_json(envelope))
+
+
+@functools.lru_cache(maxsize=64)
+def websocket_text_frame(text: str) -> bytes:
+    """`text` as one unmasked, final WebSocket text frame (RFC 6455 §5.2), as a server sends it.
+
+    Cached: the fan-out asks for the same envelope string once per subscriber, and gets the bytes built once.
+    """
+    payload = text.encode("utf-8")
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 1 << 16:
+        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return header + payload
 
 
 def hello_frame(last_event_id: int, epoch: str) -> str:

@@ -220,6 +220,25 @@ class _Server:
             connection.abort()
 
 
+# The ASGI scope extension through which a WebSocket handler may write whole frames it encoded itself,
+# straight to its connection (under the connection's send lock): the event stream's fan-out writes one
+# pre-encoded frame to a thousand sockets without a thousand trips through Quart, hypercorn and wsproto.
+RAW_SEND_EXTENSION = "qwen-serve.raw_send"
+
+
+class _RawSendApp:
+    """The ASGI app of one connection: WebSocket scopes also get `RAW_SEND_EXTENSION`."""
+
+    def __init__(self, app: Any, raw_send: Callable[[bytes], Awaitable[None]]) -> None:
+        self._app = app
+        self._raw_send = raw_send
+
+    async def __call__(self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any) -> None:
+        if scope.get("type") == "websocket":
+            scope.setdefault("extensions", {})[RAW_SEND_EXTENSION] = self._raw_send
+        await self._app(scope, receive, send, sync_spawn, call_soon)
+
+
 class _Connection(TCPServer):
     """hypercorn's connection, HTTP/1.1 only, that ends when its peer is gone and can be aborted."""
 
@@ -227,6 +246,10 @@ class _Connection(TCPServer):
         super().__init__(*args)
         self._reader = trio.CancelScope()
         self._reading = True
+        self.app = _RawSendApp(self.app, self._raw_send)
+
+    async def _raw_send(self, data: bytes) -> None:
+        await self.protocol_send(RawData(data=data))
 
     async def run(self) -> None:
         # hypercorn's TCPServer.run, without the HTTP/2 branches and with the reader in a cancel scope.

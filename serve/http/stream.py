@@ -30,16 +30,19 @@ Inbound messages are read and ignored (so a client's close is noticed at once). 
 not used: the heartbeat frame is ours, and it is what notices a peer that stopped reading.
 
 Hypercorn shields its socket writes from cancellation, so a write to a peer that stopped reading cannot be
-abandoned. Frames therefore go through one writer task per connection: when a write has not completed within
-`heartbeat_s`, the subscription is closed at once (the peer no longer holds a subscriber slot nor receives
-events), and the 4000 close follows the stuck write whenever the socket takes it. Until then the connection's
-task stays, and so does hypercorn's graceful shutdown: only the peer leaving (or a socket-level timeout) ends it.
+abandoned. A watchdog therefore times each write: when one has not completed within `heartbeat_s`, the
+subscription is closed at once (the peer no longer holds a subscriber slot nor receives events), and the 4000
+close follows the stuck write whenever the socket takes it. Until then the connection's task stays, and so
+does hypercorn's graceful shutdown: only the peer leaving, the shutdown's abort or a socket-level timeout
+ends it.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
+from typing import cast
 
 import trio
 from quart import Quart, Response, websocket
@@ -48,6 +51,7 @@ from serve import wire
 from serve.errors import InvalidRequest, ShuttingDown, TooManySubscribers
 from serve.events import EventBus, SubscriberLagged, Subscription, SubscriptionClosed
 from serve.http.responses import error_response
+from serve.http.server import RAW_SEND_EXTENSION
 from serve.http.services import Services
 
 EVENTS_PATH = "/workspace/auth/events"
@@ -59,10 +63,6 @@ CLOSE_LAGGED = 4000
 _SINCE_RE = re.compile(r"[0-9]{1,19}")
 
 logger = logging.getLogger(__name__)
-
-
-class _PeerStalled(Exception):
-    """A frame was not written within the heartbeat period."""
 
 
 def install(app: Quart, services: Services) -> None:
@@ -102,27 +102,35 @@ def _parse_query() -> tuple[int | None, str | None]:
 
 
 class _EventStream:
-    """One accepted connection: hello, reset or replay, then live events and heartbeats until a close."""
+    """One accepted connection: hello, reset or replay, then live events and heartbeats until a close.
+
+    This task writes every frame itself. Where the connection allows it (no WebSocket extension
+    negotiated), a frame is written as bytes built once per event (`wire.websocket_text_frame`) straight to
+    the socket through `RAW_SEND_EXTENSION`: one wake-up and one `send` per subscriber and event, so an
+    event reaches a thousand subscribers quickly and the request that published it is not kept waiting
+    behind their writes. A watchdog task notices a write that has not completed within `heartbeat_s` (the
+    write itself cannot be abandoned: see above) and frees the subscriber slot at once.
+    """
 
     def __init__(self, bus: EventBus, subscription: Subscription, heartbeat_s: float) -> None:
         self._bus = bus
         self._subscription = subscription
         self._heartbeat_s = heartbeat_s
-        # One writer task owns the socket's send side, so a write that hangs can be timed out (see above).
-        self._frames_send, self._frames_receive = trio.open_memory_channel[tuple[str, trio.Event]](0)
+        self._raw_send = _raw_send_of_this_connection()
+        self._writing_since: float | None = None
+        self._stalled = False
 
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._discard_inbound)
-                nursery.start_soon(self._write_frames)
-                try:
-                    code, reason = await self._stream()
-                except _PeerStalled:
-                    code, reason = CLOSE_LAGGED, "lagged"
+                nursery.start_soon(self._watch_writes, nursery.cancel_scope)
+                code, reason = await self._stream()
                 # Free the subscriber slot now: the close may wait behind a write the peer is not reading.
                 self._subscription.close()
                 nursery.cancel_scope.cancel()
+            if self._stalled:
+                code, reason = CLOSE_LAGGED, "lagged"
         except Exception:
             # STACK-NOTES 7: left to Quart, a raise after accept shows the client a plain 1000.
             logger.exception("event stream failed")
@@ -138,7 +146,7 @@ class _EventStream:
             await self._send(wire.reset_frame(subscription.last_event_id, self._bus.epoch))
         for frame in subscription.replay:
             await self._send(frame)
-        while True:
+        while not self._stalled:
             with trio.move_on_after(self._heartbeat_s) as idle:
                 try:
                     frame = await subscription.receive()
@@ -150,22 +158,38 @@ class _EventStream:
                 # The queue is empty at this instant, so every event up to the newest id has been sent.
                 frame = wire.heartbeat_frame(self._bus.last_event_id)
             await self._send(frame)
+        return CLOSE_LAGGED, "lagged"
 
     async def _send(self, frame: str) -> None:
-        """Hand one frame to the writer task; raise `_PeerStalled` if it is not written within `heartbeat_s`."""
-        written = trio.Event()
-        with trio.move_on_after(self._heartbeat_s) as scope:
-            await self._frames_send.send((frame, written))
-            await written.wait()
-        if scope.cancelled_caught:
-            raise _PeerStalled
-
-    async def _write_frames(self) -> None:
-        async for frame, written in self._frames_receive:
+        self._writing_since = trio.current_time()
+        if self._raw_send is not None:
+            await self._raw_send(wire.websocket_text_frame(frame))
+        else:
             await websocket.send(frame)
-            written.set()
+        self._writing_since = None
+
+    async def _watch_writes(self, stream_scope: trio.CancelScope) -> None:
+        """Every quarter heartbeat: a write pending for a whole heartbeat means a stalled peer."""
+        while True:
+            await trio.sleep(self._heartbeat_s / 4)
+            since = self._writing_since
+            if since is not None and trio.current_time() - since >= self._heartbeat_s:
+                self._stalled = True
+                self._subscription.close()  # the slot is free now; the 4000 close follows the stuck write
+                stream_scope.cancel()
+                return
 
     async def _discard_inbound(self) -> None:
         # Quart-Trio notices the client's close only while its inbound buffer has room: keep draining it.
         while True:
             await websocket.receive()
+
+
+def _raw_send_of_this_connection() -> Callable[[bytes], Awaitable[None]] | None:
+    """The connection's raw frame writer, unless the client negotiated an extension (permessage-deflate
+    would have to compress every frame) or the server is not ours (the in-memory test client)."""
+    extensions = websocket.scope.get("extensions") or {}
+    raw_send = extensions.get(RAW_SEND_EXTENSION)
+    if raw_send is None or websocket.headers.get("Sec-WebSocket-Extensions"):
+        return None
+    return cast(Callable[[bytes], Awaitable[None]], raw_send)

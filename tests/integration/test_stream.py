@@ -502,3 +502,51 @@ async def test_a_peer_that_stopped_reading_does_not_hold_shutdown(
             clients.cancel_scope.cancel()
     # graceful_timeout_s is 0.5 in these tests; the bound is generous for a loaded machine.
     assert took < 3
+
+
+@pytest.mark.parametrize("deflate", [False, True], ids=["raw frames", "permessage-deflate"])
+async def test_frames_decode_as_rfc_6455_with_and_without_a_negotiated_extension(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], token: str, deflate: bool
+) -> None:
+    """Without an extension, events go out as frames built once (`wire.websocket_text_frame`), written raw; a
+    client that negotiates permessage-deflate gets them through wsproto instead. wsproto decodes both."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request, TextMessage
+    from wsproto.extensions import PerMessageDeflate
+
+    big = "x" * 70_000  # a 64-bit length field
+    with trio.fail_after(10):
+        async with start_stream() as daemon:
+            host = urlsplit(daemon.url).netloc
+            client = WSConnection(ConnectionType.CLIENT)
+            stream = await trio.open_tcp_stream("127.0.0.1", urlsplit(daemon.url).port or 0)
+            async with stream:
+                request = Request(
+                    host=host,
+                    target=EVENTS_PATH,
+                    extra_headers=[(b"authorization", f"Bearer {token}".encode())],
+                    extensions=[PerMessageDeflate()] if deflate else [],
+                )
+                await stream.send_all(client.send(request))
+                texts: list[str] = []
+                partial = ""  # wsproto hands a message over in pieces as its bytes arrive
+                accepted: AcceptConnection | None = None
+                published = False
+                while len(texts) < 3:
+                    client.receive_data(await stream.receive_some(1 << 16))
+                    for event in client.events():
+                        if isinstance(event, AcceptConnection):
+                            accepted = event
+                        elif isinstance(event, TextMessage):
+                            partial += event.data
+                            if event.message_finished:
+                                texts.append(partial)
+                                partial = ""
+                    if texts and not published:
+                        bus_of(daemon).publish(FlowFailed("df-small", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, "h"))
+                        bus_of(daemon).publish(FlowFailed("df-big", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, big))
+                        published = True
+    assert accepted is not None and bool(accepted.extensions) is deflate
+    hello, small, large = (json.loads(text) for text in texts)
+    assert hello["type"] == "hello"
+    assert small["data"]["deviceFlowId"] == "df-small" and large["data"]["hint"] == big
