@@ -271,6 +271,7 @@ async def run_daemon(
                 await nursery.start(store.run, [p.credentials_file for p in services.providers.values()])
             registry, bus, shutdown_signal = services.registry, services.bus, services.shutdown
             await nursery.start(registry.run)
+            await nursery.start(bus.run)
             if services.keeper is not None:
                 await nursery.start(services.keeper.run)
             app = create_app(services)

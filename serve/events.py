@@ -6,12 +6,20 @@ JSON once, and every subscriber gets the same string.
 
 `subscribe` takes no checkpoint between reading the ring and registering the subscriber, so a replay and
 the live events that follow it have no gap and no duplicate.
+
+While `run()` runs (the daemon runs it), `publish` only numbers, encodes and rings the event, and `run()`
+offers it to the subscribers in slices of `FANOUT_SLICE`, yielding between slices. Offering wakes the
+subscriber's task, which writes to its socket; done all at once, a thousand such writes would run ahead
+of every later step of the task that published (the request whose answer is the `201`), in each of
+Trio's scheduling batches. In slices, that task waits for at most a slice's writes per step. Without
+`run()` (unit tests), `publish` offers at once.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from types import TracebackType
 
 import trio
@@ -28,6 +36,10 @@ class SubscriptionClosed(Exception):
 
 class SubscriberLagged(SubscriptionClosed):
     """The subscriber's queue overflowed; events were not skipped, the subscription was ended instead."""
+
+
+# Subscribers offered an event per scheduling batch by `EventBus.run`.
+FANOUT_SLICE = 16
 
 
 class Subscription:
@@ -104,6 +116,10 @@ class EventBus:
         self._subscribers: set[Subscription] = set()
         self.epoch = epoch or str(uuid.uuid4())
         self.last_event_id = 0
+        self._backlog: deque[tuple[int, str]] = deque()  # published, not yet offered (while `run()` runs)
+        self._backlog_added = trio.Event()
+        self._fanning_out = False
+        self._closing = False
 
     @property
     def subscriber_count(self) -> int:
@@ -120,9 +136,39 @@ class EventBus:
         envelope = Envelope(self.last_event_id, event, self._clock.now_ms(), originator_client_id)
         encoded = encode_envelope(envelope)
         self._ring.append((envelope.id, encoded))
-        for subscription in list(self._subscribers):
-            subscription._offer(encoded)
+        if self._fanning_out:
+            self._backlog.append((envelope.id, encoded))
+            self._backlog_added.set()
+        else:
+            _offer(list(self._subscribers), envelope.id, encoded)
         return envelope
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Offer published events to the subscribers, a slice per scheduling batch, until `close()` (then
+        every subscription is closed once the backlog is offered) or cancellation (then the backlog is
+        offered at once)."""
+        self._fanning_out = True
+        task_status.started()
+        try:
+            while True:
+                while not self._backlog:
+                    if self._closing:
+                        return
+                    self._backlog_added = trio.Event()
+                    await self._backlog_added.wait()
+                event_id, encoded = self._backlog.popleft()
+                subscribers = list(self._subscribers)
+                for start in range(0, len(subscribers), FANOUT_SLICE):
+                    if start:
+                        await trio.lowlevel.checkpoint()
+                    _offer(subscribers[start : start + FANOUT_SLICE], event_id, encoded)
+        finally:
+            self._fanning_out = False
+            while self._backlog:
+                event_id, encoded = self._backlog.popleft()
+                _offer(list(self._subscribers), event_id, encoded)
+            if self._closing:
+                self._close_all()
 
     def subscribe(self, *, since: int | None = None, epoch: str | None = None) -> Subscription:
         """Register a subscriber; with `since`, prepare the replay of everything after it (or a reset).
@@ -146,7 +192,23 @@ class EventBus:
         return subscription
 
     def close(self) -> None:
-        """Shutdown: end every subscription (each still drains what was queued) and refuse new ones."""
+        """Shutdown: refuse new subscribers; end every subscription once what was published is offered
+        (each still drains what it queued)."""
         self._shutdown.begin()
+        self._closing = True
+        if self._fanning_out:
+            self._backlog_added.set()  # `run()` closes them after the backlog
+        else:
+            self._close_all()
+
+    def _close_all(self) -> None:
         for subscription in list(self._subscribers):
             subscription.close()
+
+
+def _offer(subscribers: Iterable[Subscription], event_id: int, encoded: str) -> None:
+    """Offer one event to each subscriber that subscribed before it (a later one has it in its replay or
+    counts it in its hello's `lastEventId`)."""
+    for subscription in subscribers:
+        if subscription.last_event_id < event_id and not subscription.closed:
+            subscription._offer(encoded)

@@ -284,3 +284,79 @@ async def test_ring_keeps_only_the_newest(clock: WallClock, autojump_clock: trio
         bus.publish(cancelled(n))
     with bus.subscribe(since=2) as subscription:
         assert [event_id(e) for e in subscription.replay] == [3, 4]
+
+
+# --- the fan-out task (`EventBus.run`) -----------------------------------------------------------------------
+
+
+def queued(subscription: Subscription) -> list[int]:
+    out = []
+    while True:
+        try:
+            out.append(event_id(subscription._receive.receive_nowait()))
+        except trio.WouldBlock:
+            return out
+
+
+async def test_with_run_publish_returns_before_any_subscriber_is_offered_then_slices_reach_all_in_order(
+    clock: WallClock, autojump_clock: trio.testing.MockClock
+) -> None:
+    from serve.events import FANOUT_SLICE
+
+    bus = make_bus(clock)
+    subscriptions = [bus.subscribe() for _ in range(3 * FANOUT_SLICE + 1)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        for n in range(3):
+            bus.publish(cancelled(n))
+        assert all(queued(s) == [] for s in subscriptions)  # the publisher was not held up
+        got: list[list[int]] = [[] for _ in subscriptions]
+        while not any(got):  # one scheduling batch at a time, until the fan-out task has run
+            await trio.lowlevel.checkpoint()
+            got = [queued(s) for s in subscriptions]
+        # It offers a slice per batch: the test task ran again long before everyone had the first event.
+        assert sum(map(len, got)) <= 2 * FANOUT_SLICE
+        await trio.testing.wait_all_tasks_blocked()
+        got = [ids + queued(s) for ids, s in zip(got, subscriptions, strict=True)]
+        assert got == [[1, 2, 3]] * len(subscriptions)
+        nursery.cancel_scope.cancel()
+
+
+async def test_with_run_a_subscriber_newer_than_an_event_is_not_offered_it(
+    clock: WallClock, autojump_clock: trio.testing.MockClock
+) -> None:
+    bus = make_bus(clock)
+    older = bus.subscribe()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        bus.publish(cancelled(1))
+        newer = bus.subscribe()  # its hello counts event 1: offering it too would be a duplicate
+        assert newer.last_event_id == 1
+        bus.publish(cancelled(2))
+        await trio.testing.wait_all_tasks_blocked()
+        assert (queued(older), queued(newer)) == ([1, 2], [2])
+        nursery.cancel_scope.cancel()
+
+
+async def test_with_run_close_offers_the_backlog_first_and_cancellation_flushes_it(
+    clock: WallClock, autojump_clock: trio.testing.MockClock
+) -> None:
+    bus = make_bus(clock)
+    subscription = bus.subscribe()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        bus.publish(cancelled(1))
+        bus.close()
+        assert not subscription.closed
+    # `run` returned by itself after offering event 1, then closed the subscription.
+    assert subscription.closed and [event_id(await subscription.receive())] == [1]
+    with pytest.raises(SubscriptionClosed):
+        await subscription.receive()
+
+    bus = make_bus(clock)
+    subscription = bus.subscribe()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        bus.publish(cancelled(1))
+        nursery.cancel_scope.cancel()
+    assert queued(subscription) == [1] and not subscription.closed
