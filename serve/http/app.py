@@ -19,28 +19,18 @@ from quart import Quart, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from serve import __version__, wire
 from serve.audit import sanitize
 from serve.errors import MethodNotAllowed, PayloadTooLarge, RouteNotFound, ServeError
 from serve.http import routes, stream
 from serve.http.asgi import shield_final_send
+from serve.http.fast import HEALTH_BYTES, capabilities_bytes, fast_gets
 from serve.http.gates import ASGIApp, Gates
-from serve.http.responses import error_response, json_response, never_html, status_response
+from serve.http.responses import error_response, never_html, status_response
 from serve.http.services import Services
 
 log = logging.getLogger("serve.http")
 
 # What `/capabilities` lists: only what works in this build (SPEC §2).
-FEATURES = (
-    "health",
-    "capabilities",
-    "auth_device_flow",
-    "auth_status_providers",
-    "workspace_auth_events",
-    "auth_token_refresh",
-    "auth_logout",
-)
-TRANSPORTS = ("rest", "ws-events")
 
 
 def create_app(services: Services) -> QuartTrio:
@@ -52,27 +42,23 @@ def create_app(services: Services) -> QuartTrio:
     app.url_map.merge_slashes = False
     _install_error_handlers(app)
 
+    # Also served by `serve.http.fast` (before Quart) for an exact GET; these serve HEAD and the rest.
+    capabilities_body = capabilities_bytes(services)
+
     @app.get("/health")
     async def health() -> Response:
-        return json_response({"status": "ok"})
+        return Response(HEALTH_BYTES, content_type="application/json")
 
     @app.get("/capabilities")
     async def capabilities() -> Response:
-        return json_response(
-            wire.capabilities_body(
-                server_version=__version__,
-                features=list(FEATURES),
-                transports=list(TRANSPORTS),
-                workspace_cwd=str(services.workspace),
-            )
-        )
+        return Response(capabilities_body, content_type="application/json")
 
     routes.install(app, services)
     stream.install(app, services)
 
     # Quart's documented middleware seam is replacing `asgi_app`; its hypercorn TypedDicts are looser here.
     quart_asgi = cast(ASGIApp, app.asgi_app)
-    gated = Gates(quart_asgi, services.config.server, services.token)
+    gated = Gates(fast_gets(quart_asgi, services), services.config.server, services.token)
     app.asgi_app = cast(Any, shield_final_send(gated))  # type: ignore[method-assign]
     return app
 

@@ -9,6 +9,7 @@ original orders it: after the body checks on POST, after the 404 lookup on GET, 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from quart import Quart, Response, request
 
@@ -34,6 +35,24 @@ def client_id_from_request() -> str | None:
     return value
 
 
+def status_snapshot(services: Services) -> dict[str, Any]:
+    """`GET /workspace/auth/status`'s body (also served by `serve.http.fast` without Quart)."""
+    keeper = services.keeper
+    cells = provider_statuses(
+        services.providers.values(),
+        services.store,
+        services.clock.now_ms(),
+        is_invalid=keeper.is_invalid if keeper is not None else _never_invalid,
+    )
+    registry = services.registry
+    return wire.status_body(
+        workspace_cwd=str(services.workspace),
+        providers=cells,
+        pending=registry.pending(),
+        supported_providers=registry.supported_providers,
+    )
+
+
 def _never_invalid(_provider_id: str, _summary: CredentialSummary) -> bool:
     return False
 
@@ -41,8 +60,6 @@ def _never_invalid(_provider_id: str, _summary: CredentialSummary) -> bool:
 def install(app: Quart, services: Services) -> None:
     """Register the device-flow routes, the status snapshot and `/openapi.json` on `app`."""
     registry = services.registry
-    workspace_cwd = str(services.workspace)
-    is_invalid = services.keeper.is_invalid if services.keeper is not None else _never_invalid
 
     @app.post("/workspace/auth/device-flow")
     async def start_device_flow() -> Response:
@@ -73,17 +90,7 @@ def install(app: Quart, services: Services) -> None:
 
     @app.get("/workspace/auth/status")
     async def auth_status() -> Response:
-        cells = provider_statuses(
-            services.providers.values(), services.store, services.clock.now_ms(), is_invalid=is_invalid
-        )
-        return json_response(
-            wire.status_body(
-                workspace_cwd=workspace_cwd,
-                providers=cells,
-                pending=registry.pending(),
-                supported_providers=registry.supported_providers,
-            )
-        )
+        return json_response(status_snapshot(services))
 
     @app.delete("/workspace/auth/providers/<provider_id>")
     async def logout(provider_id: str) -> Response:
