@@ -80,6 +80,16 @@ class Subscription:
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise SubscriberLagged if self.lagged else SubscriptionClosed from None
 
+    def receive_queued(self) -> list[str]:
+        """Every envelope already queued, without waiting (a burst is written in one go)."""
+        frames: list[str] = []
+        while not self.lagged:
+            try:
+                frames.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        return frames
+
     def close(self) -> None:
         """Stop receiving; queued events are still delivered unless the subscriber lagged."""
         if not self.closed:
@@ -120,6 +130,7 @@ class EventBus:
         self._backlog_added = trio.Event()
         self._fanning_out = False
         self._closing = False
+        self._not_yet_offered: list[Subscription] | None = None  # the rest of the event `run()` is slicing
 
     @property
     def subscriber_count(self) -> int:
@@ -156,19 +167,33 @@ class EventBus:
                         return
                     self._backlog_added = trio.Event()
                     await self._backlog_added.wait()
-                event_id, encoded = self._backlog.popleft()
+                event_id, encoded = self._backlog[0]  # stays first until everyone was offered it
                 subscribers = list(self._subscribers)
                 for start in range(0, len(subscribers), FANOUT_SLICE):
                     if start:
+                        self._not_yet_offered = subscribers[start:]
                         await trio.lowlevel.checkpoint()
+                        if self._not_yet_offered is None:  # close() offered the rest meanwhile
+                            break
                     _offer(subscribers[start : start + FANOUT_SLICE], event_id, encoded)
+                else:
+                    self._backlog.popleft()
+                self._not_yet_offered = None
         finally:
             self._fanning_out = False
-            while self._backlog:
-                event_id, encoded = self._backlog.popleft()
-                _offer(list(self._subscribers), event_id, encoded)
+            self._offer_backlog_now()
             if self._closing:
                 self._close_all()
+
+    def _offer_backlog_now(self) -> None:
+        """Offer everything not yet offered, in order: the rest of the event being sliced, then the others."""
+        if self._not_yet_offered is not None and self._backlog:
+            event_id, encoded = self._backlog.popleft()
+            _offer(self._not_yet_offered, event_id, encoded)
+        self._not_yet_offered = None
+        while self._backlog:
+            event_id, encoded = self._backlog.popleft()
+            _offer(list(self._subscribers), event_id, encoded)
 
     def subscribe(self, *, since: int | None = None, epoch: str | None = None) -> Subscription:
         """Register a subscriber; with `since`, prepare the replay of everything after it (or a reset).
@@ -192,14 +217,14 @@ class EventBus:
         return subscription
 
     def close(self) -> None:
-        """Shutdown: refuse new subscribers; end every subscription once what was published is offered
-        (each still drains what it queued)."""
+        """Shutdown: refuse new subscribers, offer what was published to everyone at once (no request is
+        left to protect from the writes, and the streams' drain has only `graceful_timeout_s`), then end
+        every subscription (each still drains what it queued). `run()` then returns."""
         self._shutdown.begin()
         self._closing = True
-        if self._fanning_out:
-            self._backlog_added.set()  # `run()` closes them after the backlog
-        else:
-            self._close_all()
+        self._offer_backlog_now()
+        self._close_all()
+        self._backlog_added.set()
 
     def _close_all(self) -> None:
         for subscription in list(self._subscribers):

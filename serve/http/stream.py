@@ -156,16 +156,19 @@ class _EventStream:
                     return CLOSE_GOING_AWAY, "shutting down"
             if idle.cancelled_caught:
                 # The queue is empty at this instant, so every event up to the newest id has been sent.
-                frame = wire.heartbeat_frame(self._bus.last_event_id)
-            await self._send(frame)
+                await self._send(wire.heartbeat_frame(self._bus.last_event_id))
+            else:
+                # A burst (the flows a shutdown cancels, say) goes out in one write.
+                await self._send(frame, *subscription.receive_queued())
         return CLOSE_LAGGED, "lagged"
 
-    async def _send(self, frame: str) -> None:
+    async def _send(self, *frames: str) -> None:
         self._writing_since = trio.current_time()
         if self._raw_send is not None:
-            await self._raw_send(wire.websocket_text_frame(frame))
+            await self._raw_send(b"".join(wire.websocket_text_frame(frame) for frame in frames))
         else:
-            await websocket.send(frame)
+            for frame in frames:
+                await websocket.send(frame)
         self._writing_since = None
 
     async def _watch_writes(self, stream_scope: trio.CancelScope) -> None:

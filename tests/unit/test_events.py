@@ -294,7 +294,7 @@ def queued(subscription: Subscription) -> list[int]:
     while True:
         try:
             out.append(event_id(subscription._receive.receive_nowait()))
-        except trio.WouldBlock:
+        except (trio.WouldBlock, trio.EndOfChannel):
             return out
 
 
@@ -346,9 +346,7 @@ async def test_with_run_close_offers_the_backlog_first_and_cancellation_flushes_
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.run)
         bus.publish(cancelled(1))
-        bus.close()
-        assert not subscription.closed
-    # `run` returned by itself after offering event 1, then closed the subscription.
+        bus.close()  # offers event 1 at once, then closes; `run` returns by itself
     assert subscription.closed and [event_id(await subscription.receive())] == [1]
     with pytest.raises(SubscriptionClosed):
         await subscription.receive()
@@ -360,3 +358,25 @@ async def test_with_run_close_offers_the_backlog_first_and_cancellation_flushes_
         bus.publish(cancelled(1))
         nursery.cancel_scope.cancel()
     assert queued(subscription) == [1] and not subscription.closed
+
+
+async def test_a_close_while_an_event_is_half_offered_still_offers_every_event_once_in_order(
+    clock: WallClock, autojump_clock: trio.testing.MockClock
+) -> None:
+    from serve.events import FANOUT_SLICE
+
+    bus = make_bus(clock)
+    subscriptions = [bus.subscribe() for _ in range(3 * FANOUT_SLICE)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        bus.publish(cancelled(1))
+        got: list[list[int]] = [[] for _ in subscriptions]
+        while not any(got):  # the fan-out task has offered its first slice of event 1
+            await trio.lowlevel.checkpoint()
+            got = [ids + queued(s) for ids, s in zip(got, subscriptions, strict=True)]
+        assert not all(got)
+        bus.publish(cancelled(2))
+        bus.close()  # the shutdown: the rest of event 1 first, then event 2, then the closes
+    got = [ids + queued(s) for ids, s in zip(got, subscriptions, strict=True)]
+    assert got == [[1, 2]] * len(subscriptions)
+    assert all(s.closed for s in subscriptions)
