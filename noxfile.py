@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
+import shutil
 from pathlib import Path
 
 import nox
+from nox.command import CommandFailed
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -21,8 +24,10 @@ os.environ.setdefault("UV_COMPILE_BYTECODE", "1")
 
 CONSTRAINTS = ("-c", "conf/constraints.txt")
 E2E = Path("tests/e2e")
-# Written after `npm ci`: the lock file's digest, so an unchanged lock skips the reinstall.
-NPM_STAMP = E2E / "node_modules" / ".qwen-serve-lock.sha256"
+# The original `qwen serve` (@qwen-code/qwen-code, pinned by its lock file) that `nox -s bench` measures.
+BENCH_ORIGINAL = Path("tests/bench/original")
+# Written into node_modules after `npm ci`: the lock file's digest, so an unchanged lock skips the reinstall.
+NPM_STAMP = Path("node_modules") / ".qwen-serve-lock.sha256"
 
 
 @nox.session
@@ -46,13 +51,19 @@ def tests(session: nox.Session) -> None:
 def _install_e2e_packages(session: nox.Session) -> None:
     """The npm packages of tests/e2e (the official TypeScript SDK, oidc-provider), exactly as
     tests/e2e/package-lock.json pins them (peer-only packages, TypeScript itself, are not needed at run
-    time); skipped when node_modules matches the lock."""
-    digest = hashlib.sha256((E2E / "package-lock.json").read_bytes()).hexdigest()
-    if NPM_STAMP.is_file() and NPM_STAMP.read_text().strip() == digest:
-        session.log("tests/e2e/node_modules matches package-lock.json: npm ci skipped")
+    time)."""
+    _npm_ci(session, E2E, "--omit=peer")
+
+
+def _npm_ci(session: nox.Session, folder: Path, *options: str) -> None:
+    """`npm ci` in `folder`, exactly as its package-lock.json pins; skipped when node_modules matches the lock."""
+    digest = hashlib.sha256((folder / "package-lock.json").read_bytes()).hexdigest()
+    stamp = folder / NPM_STAMP
+    if stamp.is_file() and stamp.read_text().strip() == digest:
+        session.log(f"{folder}/node_modules matches package-lock.json: npm ci skipped")
         return
-    session.run("npm", "ci", "--prefix", str(E2E), "--no-audit", "--no-fund", "--omit=peer", external=True)
-    NPM_STAMP.write_text(digest + "\n")
+    session.run("npm", "ci", "--prefix", str(folder), "--no-audit", "--no-fund", *options, external=True)
+    stamp.write_text(digest + "\n")
 
 
 @nox.session
@@ -71,6 +82,36 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Speed and memory figures (not part of the default run)."""
+    """Speed and memory figures beside the original `qwen serve` 0.24.4 (not part of the default run).
+
+    Installs wrk (Debian's package; only as root: otherwise it says what is missing and fails) and the
+    original (`npm ci` of tests/bench/original). Without the original the run still prints this daemon's
+    figures, says why the other column is empty, and fails. Arguments after `--` go to tests/bench/bench.py
+    (`--quick`, `--repetitions N`, `--json PATH`).
+    """
     session.install(*CONSTRAINTS, "-e", ".[test]")
-    session.run("python", "tests/bench/bench.py", *session.posargs)
+    _install_wrk(session)
+    if shutil.which("npm") is None:
+        session.warn("npm is not on PATH: the original cannot be installed (apt-get install nodejs npm)")
+    else:
+        try:
+            _npm_ci(session, BENCH_ORIGINAL)
+        except CommandFailed:
+            session.warn(f"npm ci --prefix {BENCH_ORIGINAL} failed: the original's column will be empty")
+    command = shlex.join(["nox", "-s", "bench", *(["--", *session.posargs] if session.posargs else [])])
+    session.run("python", "tests/bench/bench.py", "--command", command, *session.posargs)
+
+
+def _install_wrk(session: nox.Session) -> None:
+    """wrk from Debian's package: installed when missing and running as root, else the session fails."""
+    if shutil.which("wrk") is not None:
+        return
+    if os.geteuid() != 0:
+        session.error("wrk is not on PATH: install it with `sudo apt-get install -y wrk`, then run nox -s bench again")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    install = ("apt-get", "install", "-y", "--no-install-recommends", "wrk")
+    try:
+        session.run(*install, external=True, env=env)
+    except CommandFailed:  # a fresh machine's package lists may be empty or stale
+        session.run("apt-get", "update", external=True, env=env)
+        session.run(*install, external=True, env=env)

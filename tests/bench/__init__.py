@@ -1,0 +1,1 @@
+"""Benchmarks (`nox -s bench`): this daemon beside the original `qwen serve`, printed, never asserted."""
