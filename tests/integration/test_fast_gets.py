@@ -40,3 +40,28 @@ async def test_the_gates_still_run_first(start_daemon: StartDaemon, path: str) -
         assert (await client.get(path)).status_code == 401
         assert (await client.get(path, headers={"Authorization": "Bearer wrong"})).status_code == 401
         assert (await client.get(path, headers={"Host": "evil.example"})).status_code == 403
+
+
+async def test_a_response_is_one_write(
+    start_daemon: StartDaemon, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Head, body and end of a small response go to the socket in one `send_all` (one syscall, one packet)."""
+    from hypercorn.events import RawData
+
+    from serve.http import server
+
+    writes: list[bytes] = []
+    original = server._Connection.protocol_send
+
+    async def recording(self: server._Connection, event: object) -> None:
+        if isinstance(event, RawData):
+            writes.append(event.data)
+        await original(self, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server._Connection, "protocol_send", recording)
+    async with start_daemon() as daemon, loopback_client(base_url=daemon.url, headers=auth) as client:
+        for path in ("/health", "/workspace/auth/status", "/nope"):
+            writes.clear()
+            response = await client.get(path)
+            assert len(writes) == 1, (path, writes)
+            assert writes[0].startswith(b"HTTP/1.1 ") and writes[0].endswith(response.content)
