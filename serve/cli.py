@@ -205,7 +205,7 @@ def _check_dev_idp(config: Config) -> None:
     dev_idp.check_config(config)
 
 
-def _config_files(args: argparse.Namespace, env: Mapping[str, str]) -> list[Path]:
+def config_files(args: argparse.Namespace, env: Mapping[str, str]) -> list[Path]:
     path = args.config or env.get(CONFIG_ENV) or None
     return [Path(path)] if path else []
 
@@ -225,7 +225,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_run_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
     """Defaults → `--config` (or `$QWEN_SERVE_CONFIG`) → environment → the `run` flags."""
-    return load_config(_config_files(args, env), env=env, overrides=_flag_overrides(args) or None)
+    return load_config(config_files(args, env), env=env, overrides=_flag_overrides(args) or None)
 
 
 # --- config ---------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def _config(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         sys.stdout.write(DEFAULTS_FILE.read_text(encoding="utf-8"))
         return 0
     try:
-        files = _config_files(args, env)
+        files = config_files(args, env)
         overrides = _flag_overrides(args)
         load_config(files, env=env, overrides=overrides or None)  # the same validation as `run`: exit 2
         layers = config_layers(files, env=env, overrides=overrides, override_source="flag")

@@ -26,7 +26,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TextIO
 
 import trio
@@ -94,8 +93,7 @@ def run_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from serve import cli  # serve.cli imports this module for its command table: import it once running
 
     try:
-        path = args.config or env.get(cli.CONFIG_ENV) or None
-        config = load_config([Path(path)] if path else [], env=env)
+        config = load_config(cli.config_files(args, env), env=env)
     except ConfigError as exc:
         return cli.fail_config(exc)
     try:
@@ -122,11 +120,11 @@ async def check_providers(
 
     Returns the exit code. An unknown id prints one line on stderr naming the configured ones (exit 2).
     """
-    from serve.daemon import describe_providers
+    from serve.daemon import describe_providers, idp_client
     from serve.providers import build_providers
 
     described = describe_providers(config)
-    async with _idp_client() as http:
+    async with idp_client() as http:
         providers = build_providers(config, http, env=env)
         headlines = dict(zip(providers, described, strict=True))
         unknown = [provider_id for provider_id in provider_ids if provider_id not in providers]
@@ -148,21 +146,6 @@ async def check_providers(
             out.flush()
     out.write(f"{len(chosen)} provider(s) checked: {len(chosen) - failed} ok, {failed} failed\n")
     return EXIT_FAILED if failed else EXIT_OK
-
-
-def _idp_client() -> httpx.AsyncClient:
-    import httpx
-
-    from serve.daemon import IDP_TIMEOUT, LOOPBACK_ORIGINS, idp_ssl_context
-
-    # `serve.daemon.run_daemon`'s IdP client, setting for setting, so a check meets what a login would.
-    return httpx.AsyncClient(
-        timeout=IDP_TIMEOUT,
-        follow_redirects=False,
-        trust_env=True,
-        verify=idp_ssl_context(),
-        mounts=dict.fromkeys(LOOPBACK_ORIGINS),
-    )
 
 
 def _format(finding: Finding) -> str:

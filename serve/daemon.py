@@ -123,6 +123,23 @@ def _ssl_context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
     return httpx.create_ssl_context(trust_env=False)
 
 
+def idp_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """The client every request to an identity provider goes through (the daemon's, and `qwen-serve check`'s).
+
+    trust_env: HTTPS_PROXY, NO_PROXY and SSL_CERT_FILE apply (SPEC §5), except to a loopback IdP (the dev IdP,
+    a local Keycloak), which no proxy could reach: it is always reached directly. Redirects are never followed
+    (a redirected token request is an upstream error, not a hop). `transport` is a seam for tests.
+    """
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=IDP_TIMEOUT,
+        follow_redirects=False,
+        trust_env=transport is None,
+        verify=idp_ssl_context() if transport is None else True,
+        mounts=dict.fromkeys(LOOPBACK_ORIGINS),  # None: the client's own transport, with no proxy
+    )
+
+
 def stalled_peer_timeout_s(config: Config) -> float:
     """How long a peer may accept no data before the kernel drops it: twice the heartbeat, at least 5 s.
 
@@ -245,18 +262,7 @@ async def run_daemon(
         dev.check_config(config)
     stop = trio.Event()
     bound = False
-    # trust_env: HTTPS_PROXY, NO_PROXY and SSL_CERT_FILE apply to IdP requests (SPEC §5); redirects are never
-    # followed (a redirected token request is an upstream error, not a hop).
-    http = httpx.AsyncClient(
-        transport=http_transport,
-        timeout=IDP_TIMEOUT,
-        follow_redirects=False,
-        trust_env=http_transport is None,
-        verify=idp_ssl_context() if http_transport is None else True,
-        # No proxy can reach this machine's loopback: an IdP there (the dev IdP, a local Keycloak) is
-        # always reached directly, whatever HTTPS_PROXY says. None = the client's own transport.
-        mounts=dict.fromkeys(LOOPBACK_ORIGINS),
-    )
+    http = idp_client(http_transport)
     try:
         async with http, trio.open_nursery() as nursery:
             if dev_idp:
