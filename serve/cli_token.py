@@ -16,7 +16,8 @@ from datetime import datetime
 from pathlib import Path
 
 from serve.audit import sanitize
-from serve.config import PROVIDER_ID_RE, QWEN_OAUTH_ID
+from serve.config import PROVIDER_ID_RE
+from serve.credentials import credentials_file, epoch_ms
 from serve.private_files import read_private
 from serve.token import qwen_home
 
@@ -50,11 +51,6 @@ def add_token_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="when the token has expired, wait up to S seconds for the daemon's refresh (default: do not wait)",
     )
-
-
-def credentials_file(provider_id: str) -> str:
-    """Where the daemon writes `provider_id`'s credentials, relative to `$QWEN_HOME`."""
-    return "oauth_creds.json" if provider_id == QWEN_OAUTH_ID else f"device-flow/{provider_id}.json"
 
 
 def run_token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -111,13 +107,8 @@ def _read(home: Path, relative: str) -> tuple[str, str, int | None] | str:
     if not isinstance(token, str) or not token:
         return f"{path} holds no access token: {login}"
     token_type = document.get("token_type")
-    expiry = document.get("expiry_date")
-    expires_at_ms = (
-        int(expiry)
-        if isinstance(expiry, int | float) and not isinstance(expiry, bool) and math.isfinite(expiry)
-        else None
-    )
-    return token, token_type if isinstance(token_type, str) else "Bearer", expires_at_ms
+    kind = token_type if isinstance(token_type, str) else "Bearer"
+    return token, kind, epoch_ms(document.get("expiry_date"))
 
 
 def _fail(line: str, code: int) -> int:

@@ -6,13 +6,31 @@ store only writes documents atomically and summarises them for the status snapsh
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from serve.config import QWEN_OAUTH_ID
 from serve.models import CredentialSummary
 from serve.secrets import Secret
+
+# Where each provider's credentials live, relative to `$QWEN_HOME`: the providers write there, the store
+# watches there, `qwen-serve token` reads there.
+QWEN_CREDENTIALS_FILE = "oauth_creds.json"  # qwen-code's own file
+
+
+def credentials_file(provider_id: str) -> str:
+    """`oauth_creds.json` for qwen-oauth, else `device-flow/<id>.json` (the id is validated by the config)."""
+    return QWEN_CREDENTIALS_FILE if provider_id == QWEN_OAUTH_ID else f"device-flow/{provider_id}.json"
+
+
+def epoch_ms(value: object) -> int | None:
+    """A credentials document's time (`expiry_date`, `obtained_at`): a finite number, else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return int(value)
+    return None
 
 
 @dataclass(frozen=True, slots=True)

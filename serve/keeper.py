@@ -153,11 +153,10 @@ class CredentialKeeper:
     async def _refresh_locked(self, provider_id: str, provider: Refreshable) -> RefreshOutcome:
         file_name = provider.credentials_file
         # The file, not the cache: another process may have refreshed (or removed) it a moment ago.
-        await self._store.refresh()
-        summary = self._store.summary(file_name)
-        document = await self._store.read_document(file_name)
-        if summary is None or document is None:
+        found = await self._store.read_current(file_name)
+        if found is None:
             return "missing"
+        summary, document = found
         if self.is_invalid(provider_id, summary):
             return "invalid"
         if (
@@ -226,10 +225,10 @@ class CredentialKeeper:
         provider = self._providers[provider_id]
         file_name = provider.credentials_file
         async with self._locks[provider_id]:
-            document = await self._store.read_document(file_name)
+            found = await self._store.read_current(file_name)
             revocation: Revocation = "none"
-            if document is not None:
-                revocation = await provider.revoke(document) if isinstance(provider, Revocable) else "unsupported"
+            if found is not None:
+                revocation = await provider.revoke(found[1]) if isinstance(provider, Revocable) else "unsupported"
             removed = await self._store.remove(file_name)
             self._invalid.pop(provider_id, None)
         if revocation == "failed":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -26,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 import trio
 
-from serve.credentials import CommitGate, Credentials
+from serve.credentials import CommitGate, Credentials, epoch_ms
 from serve.errors import PersistError
 from serve.models import CredentialSummary
 from serve.private_files import (
@@ -141,23 +140,31 @@ class FileCredentialStore:
 
     # --- reading ------------------------------------------------------------------------------------
 
-    async def read_document(self, file_name: str) -> Secret[Mapping[str, object]] | None:
-        """The whole credentials document, read now from disk (not the cache), or None when missing or not
-        a JSON object. For the refresher and logout, which need its tokens; never for a status."""
-        try:
-            found = await trio.to_thread.run_sync(read_private, self._home, file_name)
-        except OSError:
-            return None
-        if found is None:
-            return None
-        try:
-            document = json.loads(found[1])
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(document, dict):
-            return None
-        found_document: Mapping[str, object] = document
-        return Secret(found_document)
+    async def read_current(self, file_name: str) -> tuple[CredentialSummary, Secret[Mapping[str, object]]] | None:
+        """The file as it is on disk now (another process may have just rewritten it): its summary, which
+        also refreshes the cache, and its whole document. None when it is missing or not a JSON object.
+        For the refresher and logout, which need its tokens; never for a status."""
+        async with self._lock:  # not beside a scan or a save, which could put an older summary back
+            try:
+                found = await trio.to_thread.run_sync(read_private, self._home, file_name)
+            except OSError:
+                return None
+            if found is None:
+                if file_name in self._entries:
+                    self._set_entry(file_name, _Entry(_MISSING, None))
+                return None
+            info, raw = found
+            try:
+                document = json.loads(raw)
+            except (ValueError, RecursionError):
+                return None
+            if not isinstance(document, dict):
+                return None
+            summary = _summarize(document, info.st_mtime_ns)
+            if file_name in self._entries:
+                self._set_entry(file_name, _Entry(_signature(info), summary))
+            found_document: Mapping[str, object] = document
+            return summary, Secret(found_document)
 
     def _set_entry(self, file_name: str, entry: _Entry) -> None:
         self._entries[file_name] = entry
@@ -266,14 +273,8 @@ def _summarize(document: Mapping[str, object], mtime_ns: int) -> CredentialSumma
     """Expiry (`expiry_date`, epoch ms) and alias (`account_alias`) from a document; never a token."""
     alias = document.get("account_alias")
     return CredentialSummary(
-        expires_at_ms=_epoch_ms(document.get("expiry_date")),
+        expires_at_ms=epoch_ms(document.get("expiry_date")),
         updated_at_ms=mtime_ns // 1_000_000,
         account_alias=alias if isinstance(alias, str) and alias else None,
-        obtained_at_ms=_epoch_ms(document.get("obtained_at")),
+        obtained_at_ms=epoch_ms(document.get("obtained_at")),
     )
-
-
-def _epoch_ms(value: object) -> int | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return int(value)
-    return None

@@ -12,14 +12,13 @@ from collections.abc import Callable, Mapping
 import httpx
 
 from serve.config import QWEN_OAUTH_ID, QwenOAuthConfig
-from serve.credentials import Credentials
+from serve.credentials import QWEN_CREDENTIALS_FILE, Credentials
 from serve.providers import oauth
 from serve.providers.base import DeviceAuthorization, PollResult, PollSuccess
 from serve.secrets import Secret
 
 QWEN_CLIENT_ID = "f0304373b74a44d2b584a3fb70ca9e56"
 QWEN_SCOPE = "openid profile email model.completion"
-QWEN_CREDENTIALS_FILE = "oauth_creds.json"
 START_FAILED = "Qwen IdP device authorization request failed"
 _LABEL = "Qwen"
 # qwen-code's file, in its order; keys the IdP did not send are left out.

@@ -33,7 +33,7 @@ import httpx
 import trio
 
 from serve.config import Rfc8628ProviderConfig
-from serve.credentials import Credentials
+from serve.credentials import Credentials, credentials_file
 from serve.errors import Diagnosis, UpstreamError, UpstreamFailure
 from serve.models import ErrorKind
 from serve.netloc import is_loopback_host, url_problem
@@ -181,7 +181,7 @@ class Rfc8628Provider:
 
     @property
     def credentials_file(self) -> str:
-        return f"device-flow/{self._config.provider_id}.json"
+        return credentials_file(self._config.provider_id)
 
     # --- the protocol -------------------------------------------------------------------------------
 
