@@ -141,7 +141,12 @@ class CredentialKeeper:
         if not isinstance(provider, Refreshable):
             return "missing"
         async with self._locks[provider_id]:
-            lock_fd = await self._lock_file(provider.credentials_file)
+            try:
+                lock_fd = await self._lock_file(provider.credentials_file)
+            except OSError as exc:  # a symlinked `device-flow/`, say: refused, as the store refuses it
+                name = errno.errorcode.get(exc.errno or 0, "OSError")
+                log.warning("provider %s: cannot open its credentials' lock file (%s); retrying", provider_id, name)
+                return "transient"
             if lock_fd is None:
                 log.info("provider %s: another process is refreshing its credentials; trying again later", provider_id)
                 return "locked"
@@ -197,14 +202,9 @@ class CredentialKeeper:
                 return "transient"
 
     async def _lock_file(self, file_name: str) -> int | None:
-        """The flocked descriptor of the credential's lock file, or None after `lock_wait_s` of trying."""
-        try:
-            fd = await trio.to_thread.run_sync(open_lock_file, self._store.qwen_home, file_name)
-        except OSError as exc:
-            log.warning(
-                "cannot open the lock file for %s: %s", file_name, errno.errorcode.get(exc.errno or 0, "OSError")
-            )
-            return None
+        """The flocked descriptor of the credential's lock file, or None after `lock_wait_s` of trying.
+        Raises `OSError` when the lock file cannot be opened."""
+        fd = await trio.to_thread.run_sync(open_lock_file, self._store.qwen_home, file_name)
         with trio.move_on_after(self._config.lock_wait_s):
             while True:
                 try:

@@ -25,6 +25,7 @@ from support.registry_fakes import EPOCH_MS, EPOCH_S, RecordingBus
 from serve.clock import WallClock
 from serve.config import RefreshConfig, Rfc8628ProviderConfig
 from serve.credentials import Credentials
+from serve.errors import PersistError
 from serve.keeper import CredentialKeeper
 from serve.models import AuthState, CredentialsInvalid, CredentialsRefreshed, CredentialsRemoved, ErrorKind
 from serve.providers.rfc8628 import Rfc8628Provider
@@ -293,3 +294,21 @@ async def test_logout_revokes_when_it_can_and_always_removes(
     assert setup.bus.events == [CredentialsRemoved("acme")]
     again = await setup.keeper.logout("acme")
     assert (again.removed, again.revocation) == (False, "none") and len(setup.bus.events) == 1
+
+
+async def test_a_symlinked_credentials_directory_is_neither_read_nor_written_through(
+    home: Path, tmp_path: Path
+) -> None:
+    """`device-flow/` replaced by a symlink to another folder: the keeper refuses it as the store does."""
+    idp = RefreshIdP()
+    setup = make(home, idp)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "acme.json").write_text(json.dumps(document(EPOCH_MS - LIFETIME_S * 1000)))
+    home.mkdir(mode=0o700)
+    (home / "device-flow").symlink_to(elsewhere)
+    assert await setup.keeper.refresh("acme") == "transient"  # retried with back-off, never written through
+    with pytest.raises(PersistError):
+        await setup.keeper.logout("acme")
+    assert idp.refreshes == [] and idp.revoked == []
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["acme.json"]  # no lock file, nothing removed
