@@ -4,8 +4,10 @@ Layers, outermost first, as `serve.http.server` calls them:
 
     shield_final_send   the final body send runs shielded (serve.http.asgi; STACK-NOTES 1)
     Gates               Host, Origin, bearer, strict, body size, request target (serve.http.gates)
-    QuartTrio           routing and the JSON error handlers; `/health`, `/capabilities`, the device-flow
-                        routes (serve.http.routes) and `WS /workspace/auth/events` (serve.http.stream)
+    fast_gets           an exact GET of `/health`, `/capabilities` or the status (serve.http.fast)
+    event_stream        `WS /workspace/auth/events` (serve.http.stream)
+    QuartTrio           routing and the JSON error handlers; `/health`, `/capabilities` and the device-flow
+                        routes (serve.http.routes)
 
 Everything the app answers is JSON; nothing renders HTML.
 """
@@ -54,11 +56,18 @@ def create_app(services: Services) -> QuartTrio:
         return Response(capabilities_body, content_type="application/json")
 
     routes.install(app, services)
-    stream.install(app, services)
+
+    # The stream is served in front of Quart; this rule only keeps Quart's answers to a plain HTTP request
+    # on its path (400 to GET and HEAD, 405 to other methods). No WebSocket scope reaches it.
+    @app.websocket(stream.EVENTS_PATH)
+    async def auth_events() -> Response:
+        return error_response(ServeError())
 
     # Quart's documented middleware seam is replacing `asgi_app`; its hypercorn TypedDicts are looser here.
     quart_asgi = cast(ASGIApp, app.asgi_app)
-    gated = Gates(fast_gets(quart_asgi, services), services.config.server, services.token)
+    gated = Gates(
+        fast_gets(stream.event_stream(quart_asgi, services), services), services.config.server, services.token
+    )
     app.asgi_app = cast(Any, shield_final_send(gated))  # type: ignore[method-assign]
     return app
 

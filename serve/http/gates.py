@@ -66,7 +66,7 @@ class Gates:
         if scope["type"] in ("http", "websocket"):
             error = self.check(scope)
             if error is not None:
-                await _send_error(scope, send, error)
+                await send_error(scope, send, error)
                 return
             # Passed: only now may a client waiting on `Expect: 100-continue` be told to send its body.
             send_continue = scope.get("state", {}).get(CONTINUE_STATE_KEY)
@@ -146,7 +146,7 @@ def _is_strict_path(path: str) -> bool:
     return any(path == prefix or path.startswith(prefix + "/") for prefix in STRICT_PREFIXES)
 
 
-async def _send_error(scope: Scope, send: Send, error: ServeError) -> None:
+async def send_error(scope: Scope, send: Send, error: ServeError) -> None:
     """Answer a rejected request or handshake with the error's JSON (a WebSocket handshake gets real HTTP)."""
     body = wire.dumps(wire.error_body(error)).encode()
     headers = [

@@ -29,6 +29,11 @@ The stream ends with a close frame:
 Inbound messages are read and ignored (so a client's close is noticed at once). Hypercorn's own pings are
 not used: the heartbeat frame is ours, and it is what notices a peer that stopped reading.
 
+The stream is plain ASGI in front of Quart (behind the gates), not a Quart route: a subscriber is then two
+tasks of ours (the writer, and a reader that also watches the writes) instead of four with Quart-Trio's
+request machinery, which is most of what an idle subscriber costs in memory. Quart keeps a WebSocket rule on
+the path only so that a plain HTTP request to it gets the answers it always got (400, 405).
+
 Hypercorn shields its socket writes from cancellation, so a write to a peer that stopped reading cannot be
 abandoned. A watchdog therefore times each write: when one has not completed within `heartbeat_s`, the
 subscription is closed at once (the peer no longer holds a subscriber slot nor receives events), and the 4000
@@ -42,19 +47,21 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
+from urllib.parse import parse_qsl
 
 import trio
-from quart import Quart, Response, websocket
 
 from serve import wire
-from serve.errors import InvalidRequest, ShuttingDown, TooManySubscribers
+from serve.errors import InvalidRequest, ServeError, ShuttingDown, TooManySubscribers
 from serve.events import EventBus, SubscriberLagged, Subscription, SubscriptionClosed
-from serve.http.responses import error_response
+from serve.http.gates import ASGIApp, Receive, Scope, Send, send_error
 from serve.http.server import RAW_SEND_EXTENSION
 from serve.http.services import Services
 
 EVENTS_PATH = "/workspace/auth/events"
+# Quart's routing (strict_slashes off) also served the path with one trailing slash.
+_PATHS = frozenset((EVENTS_PATH, EVENTS_PATH + "/"))
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
@@ -65,40 +72,54 @@ _SINCE_RE = re.compile(r"[0-9]{1,19}")
 logger = logging.getLogger(__name__)
 
 
-def install(app: Quart, services: Services) -> None:
-    """Register `WS /workspace/auth/events` on `app`, streaming the daemon's event bus."""
+def event_stream(app: ASGIApp, services: Services) -> ASGIApp:
+    """`app`, with `WS /workspace/auth/events` served here; every other scope goes on to `app`."""
     bus = services.bus
     config = services.config.events
     shutdown = services.shutdown
 
-    @app.websocket(EVENTS_PATH)
-    async def auth_events() -> Response | None:
-        if shutdown.begun:
-            return error_response(ShuttingDown())
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket" or scope["path"] not in _PATHS:
+            await app(scope, receive, send)
+            return
+        if (await receive())["type"] != "websocket.connect":
+            return  # the peer left before its handshake was read
         try:
-            since, epoch = _parse_query()
-        except InvalidRequest as exc:
-            return error_response(exc)
-        if bus.subscriber_count >= config.max_subscribers:
-            return error_response(TooManySubscribers())
-        try:
-            subscription = bus.subscribe(since=since, epoch=epoch)
-        except SubscriptionClosed:
-            return error_response(ShuttingDown())
+            subscription = _subscribe(scope, bus, config.max_subscribers, shutdown.begun)
+        except ServeError as exc:
+            await send_error(scope, send, exc)
+            return
         with subscription:
-            await websocket.accept()
-            await _EventStream(bus, subscription, config.heartbeat_s).run()
-        return None
+            await send({"type": "websocket.accept"})
+            await _EventStream(scope, receive, send, bus, subscription, config.heartbeat_s).run()
+
+    return serve
 
 
-def _parse_query() -> tuple[int | None, str | None]:
-    raw_since = websocket.args.get("since", "")
-    raw_epoch = websocket.args.get("epoch", "")
+def _subscribe(scope: Scope, bus: EventBus, max_subscribers: int, shutting_down: bool) -> Subscription:
+    """The handshake's checks, in order, then the subscription; raises the `ServeError` to answer with."""
+    if shutting_down:
+        raise ShuttingDown()
+    since, epoch = _parse_query(scope.get("query_string", b""))
+    if bus.subscriber_count >= max_subscribers:
+        raise TooManySubscribers()
+    try:
+        return bus.subscribe(since=since, epoch=epoch)
+    except SubscriptionClosed:
+        raise ShuttingDown() from None
+
+
+def _parse_query(query_string: bytes) -> tuple[int | None, str | None]:
+    """`since` and `epoch` from the query; the first of repeated names counts, as it did under Quart."""
+    params: dict[str, str] = {}
+    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, errors="replace"):
+        params.setdefault(name, value)
+    raw_since = params.get("since", "")
     if raw_since == "":
         return None, None
     if not _SINCE_RE.fullmatch(raw_since):
         raise InvalidRequest("`since` must be a non-negative integer")
-    return int(raw_since), raw_epoch or None
+    return int(raw_since), params.get("epoch") or None
 
 
 class _EventStream:
@@ -108,23 +129,28 @@ class _EventStream:
     negotiated), a frame is written as bytes built once per event (`wire.websocket_text_frame`) straight to
     the socket through `RAW_SEND_EXTENSION`: one wake-up and one `send` per subscriber and event, so an
     event reaches a thousand subscribers quickly and the request that published it is not kept waiting
-    behind their writes. A watchdog task notices a write that has not completed within `heartbeat_s` (the
-    write itself cannot be abandoned: see above) and frees the subscriber slot at once.
+    behind their writes. A second task reads (and drops) inbound messages and, every quarter heartbeat,
+    notices a write that has not completed within `heartbeat_s` (the write itself cannot be abandoned: see
+    above) and frees the subscriber slot at once.
     """
 
-    def __init__(self, bus: EventBus, subscription: Subscription, heartbeat_s: float) -> None:
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, bus: EventBus, subscription: Subscription, heartbeat_s: float
+    ) -> None:
+        self._receive = receive
+        self._asgi_send = send
         self._bus = bus
         self._subscription = subscription
         self._heartbeat_s = heartbeat_s
-        self._raw_send = _raw_send_of_this_connection()
+        self._raw_send = _raw_send_of(scope)
         self._writing_since: float | None = None
         self._stalled = False
+        self._peer_gone = False
 
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._discard_inbound)
-                nursery.start_soon(self._watch_writes, nursery.cancel_scope)
+                nursery.start_soon(self._read_and_watch, nursery.cancel_scope)
                 code, reason = await self._stream()
                 # Free the subscriber slot now: the close may wait behind a write the peer is not reading.
                 self._subscription.close()
@@ -132,11 +158,12 @@ class _EventStream:
             if self._stalled:
                 code, reason = CLOSE_LAGGED, "lagged"
         except Exception:
-            # STACK-NOTES 7: left to Quart, a raise after accept shows the client a plain 1000.
+            # STACK-NOTES 7: a raise after accept would show the client a plain close; say 1011 instead.
             logger.exception("event stream failed")
             self._subscription.close()
             code, reason = CLOSE_INTERNAL_ERROR, "internal error"
-        await websocket.close(code, reason)
+        if not self._peer_gone:
+            await self._asgi_send({"type": "websocket.close", "code": code, "reason": reason})
 
     async def _stream(self) -> tuple[int, str]:
         """Write every frame owed to this subscriber; return the close code once the subscription ends."""
@@ -168,31 +195,40 @@ class _EventStream:
             await self._raw_send(b"".join(wire.websocket_text_frame(frame) for frame in frames))
         else:
             for frame in frames:
-                await websocket.send(frame)
+                await self._asgi_send({"type": "websocket.send", "text": frame})
         self._writing_since = None
 
-    async def _watch_writes(self, stream_scope: trio.CancelScope) -> None:
-        """Every quarter heartbeat: a write pending for a whole heartbeat means a stalled peer."""
+    async def _read_and_watch(self, stream_scope: trio.CancelScope) -> None:
+        """Drain inbound messages, so the peer's close is noticed at once (the server's inbound queue would
+        otherwise fill and stop its reader), and every quarter heartbeat check the pending write: one
+        pending for a whole heartbeat means a stalled peer."""
+        check_every = self._heartbeat_s / 4
+        next_check = trio.current_time() + check_every
         while True:
-            await trio.sleep(self._heartbeat_s / 4)
+            with trio.move_on_at(next_check):
+                message = await self._receive()
+                if message["type"] == "websocket.disconnect":
+                    self._peer_gone = True
+                    self._subscription.close()
+                    stream_scope.cancel()
+                    return
+            now = trio.current_time()
+            if now < next_check:
+                continue
+            next_check = now + check_every
             since = self._writing_since
-            if since is not None and trio.current_time() - since >= self._heartbeat_s:
+            if since is not None and now - since >= self._heartbeat_s:
                 self._stalled = True
                 self._subscription.close()  # the slot is free now; the 4000 close follows the stuck write
                 stream_scope.cancel()
                 return
 
-    async def _discard_inbound(self) -> None:
-        # Quart-Trio notices the client's close only while its inbound buffer has room: keep draining it.
-        while True:
-            await websocket.receive()
 
-
-def _raw_send_of_this_connection() -> Callable[[bytes], Awaitable[None]] | None:
+def _raw_send_of(scope: Scope) -> Callable[[bytes], Awaitable[None]] | None:
     """The connection's raw frame writer, unless the client negotiated an extension (permessage-deflate
     would have to compress every frame) or the server is not ours (the in-memory test client)."""
-    extensions = websocket.scope.get("extensions") or {}
-    raw_send = extensions.get(RAW_SEND_EXTENSION)
-    if raw_send is None or websocket.headers.get("Sec-WebSocket-Extensions"):
+    raw_send: Any = (scope.get("extensions") or {}).get(RAW_SEND_EXTENSION)
+    headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+    if raw_send is None or any(name == b"sec-websocket-extensions" for name, _ in headers):
         return None
     return cast(Callable[[bytes], Awaitable[None]], raw_send)

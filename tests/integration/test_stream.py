@@ -175,6 +175,38 @@ async def test_since_must_be_a_non_negative_integer(daemon: RunningDaemon, beare
         assert bus_of(daemon).subscriber_count == 0
 
 
+async def test_the_first_of_repeated_query_names_counts_and_one_trailing_slash_is_the_stream(
+    daemon: RunningDaemon, bearer: Headers
+) -> None:
+    """The stream is served in front of Quart; it reads its path and query as Quart's routing did."""
+    bus = bus_of(daemon)
+    bus.publish(cancelled(1))
+    with trio.fail_after(5):
+        error = await rejected(daemon, bearer, "?since=zz&since=0")
+        assert (error.status_code, body_of(error)) == (400, BAD_SINCE)
+        async with open_stream(daemon, bearer, f"?since=0&since=zz&epoch={bus.epoch}&epoch=other") as ws:
+            assert (await frame(ws))["type"] == "hello"
+            assert (await frame(ws))["id"] == 1  # a replay from 0 in this epoch, not a reset
+        url = daemon.url.replace("http://", "ws://") + EVENTS_PATH + "/"
+        async with trio_websocket.open_websocket_url(url, extra_headers=bearer) as ws:
+            assert (await frame(ws))["type"] == "hello"
+        nested = daemon.url.replace("http://", "ws://") + EVENTS_PATH + "/more"
+        with pytest.raises(ConnectionRejected) as info:
+            async with trio_websocket.open_websocket_url(nested, extra_headers=bearer):
+                pass
+        assert info.value.status_code == 404
+
+
+async def test_a_plain_http_request_on_the_stream_path_gets_a_json_error(daemon: RunningDaemon, token: str) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with loopback_client(base_url=daemon.url, headers=headers) as client:
+        got = await client.get(EVENTS_PATH)
+        assert (got.status_code, got.json()) == (400, {"error": "Bad Request", "code": "bad_request"})
+        got = await client.post(EVENTS_PATH)
+        assert got.status_code == 405
+        assert got.json() == {"error": "Method not allowed", "code": "method_not_allowed"}
+
+
 async def test_capabilities_list_the_stream(daemon: RunningDaemon, token: str) -> None:
     with trio.fail_after(5):
         async with loopback_client(base_url=daemon.url, headers={"Authorization": f"Bearer {token}"}) as client:
@@ -362,6 +394,40 @@ async def test_a_send_stalled_for_a_heartbeat_period_frees_the_slot(
             # The slot is free while the peer still holds the socket.
             async with open_stream(daemon, bearer) as other:
                 assert (await frame(other))["type"] == "hello"
+            frames, reason = await frames_until_close(ws)
+    ids = [f["id"] for f in frames[1:]]
+    assert ids == list(range(1, len(ids) + 1))
+    assert (reason.code, reason.reason) == (4000, "lagged")
+
+
+async def test_a_stalled_peer_that_keeps_sending_is_still_closed_4000(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], bearer: Headers
+) -> None:
+    """The task that reads inbound messages also times the writes: a stream of small messages from a peer
+    that reads nothing must not keep postponing that check."""
+
+    async def chatter(ws: WebSocketConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.send_message("still here")
+                await trio.sleep(0.02)
+
+    with trio.fail_after(20):
+        async with (
+            start_stream(subscriber_queue=1000, ring_size=4, heartbeat_s=0.5, max_subscribers=1) as daemon,
+            open_stream(daemon, bearer, message_queue_size=1) as ws,
+        ):
+            bus = bus_of(daemon)
+            published = 0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(chatter, ws)
+                while bus.subscriber_count and published < 400:  # fill the socket buffers: the write stalls
+                    bus.publish(FlowFailed(f"df-{published}", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, BIG_HINT))
+                    published += 1
+                    await trio.sleep(0.005)
+                await wait_until(lambda: bus.subscriber_count == 0)
+                nursery.cancel_scope.cancel()
+            assert published < 400
             frames, reason = await frames_until_close(ws)
     ids = [f["id"] for f in frames[1:]]
     assert ids == list(range(1, len(ids) + 1))
