@@ -27,11 +27,12 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import hypercorn.config
 import trio
+from hypercorn.typing import ASGIFramework
 
 from serve.audit import Audit
 from serve.clock import WallClock
@@ -39,7 +40,7 @@ from serve.config import QWEN_OAUTH_ID, Config
 from serve.credentials import CredentialStore
 from serve.events import EventBus
 from serve.http import server
-from serve.http.app import create_app
+from serve.http.front import serving_app
 from serve.http.services import Services
 from serve.keeper import CredentialKeeper
 from serve.lifecycle import Shutdown
@@ -280,7 +281,8 @@ async def run_daemon(
             await nursery.start(bus.run)
             if services.keeper is not None:
                 await nursery.start(services.keeper.run)
-            app = create_app(services)
+            # hypercorn's TypedDicts are stricter than our ASGI aliases.
+            app = cast(ASGIFramework, serving_app(services))
 
             async def shutdown() -> None:
                 await _first_of(stop.wait, *([shutdown_trigger] if shutdown_trigger is not None else []))

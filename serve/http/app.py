@@ -1,15 +1,8 @@
-"""The HTTP application: the routes and the event stream behind the gates, with one JSON error surface.
+"""The Quart app: routing, `/health`, `/capabilities`, the device-flow routes and one JSON error surface.
 
-Layers, outermost first, as `serve.http.server` calls them:
-
-    shield_final_send   the final body send runs shielded (serve.http.asgi; STACK-NOTES 1)
-    Gates               Host, Origin, bearer, strict, body size, request target (serve.http.gates)
-    fast_gets           an exact GET of `/health`, `/capabilities` or the status (serve.http.fast)
-    event_stream        `WS /workspace/auth/events` (serve.http.stream)
-    QuartTrio           routing and the JSON error handlers; `/health`, `/capabilities` and the device-flow
-                        routes (serve.http.routes)
-
-Everything the app answers is JSON; nothing renders HTML.
+It is the bottom layer of `serve.http.front` (the gates, the hot GETs and the event stream sit above it),
+and the only module of the daemon that imports Quart, Flask or werkzeug: the daemon loads it in a worker
+thread after it starts listening. Everything the app answers is JSON; nothing renders HTML.
 """
 
 from __future__ import annotations
@@ -24,19 +17,26 @@ from werkzeug.exceptions import HTTPException
 from serve.audit import sanitize
 from serve.errors import MethodNotAllowed, PayloadTooLarge, RouteNotFound, ServeError
 from serve.http import routes, stream
-from serve.http.asgi import shield_final_send
-from serve.http.fast import HEALTH_BYTES, capabilities_bytes, fast_gets
-from serve.http.gates import ASGIApp, Gates
+from serve.http.fast import HEALTH_BYTES, capabilities_bytes
+from serve.http.front import front
+from serve.http.gates import ASGIApp
 from serve.http.responses import error_response, never_html, status_response
 from serve.http.services import Services
 
 log = logging.getLogger("serve.http")
 
-# What `/capabilities` lists: only what works in this build (SPEC §2).
-
 
 def create_app(services: Services) -> QuartTrio:
-    """The ASGI app the server runs: gates, then Quart with every route of SPEC §2 and the event stream."""
+    """Quart with every layer of `serve.http.front` in front of it: what the daemon serves, as one Quart app
+    (for Quart's test client, and for tests that want it built at once)."""
+    app = quart_app(services)
+    # Quart's documented middleware seam is replacing `asgi_app`; its hypercorn TypedDicts are looser here.
+    app.asgi_app = cast(Any, front(services, cast(ASGIApp, app.asgi_app)))  # type: ignore[method-assign]
+    return app
+
+
+def quart_app(services: Services) -> QuartTrio:
+    """Quart with the routes of SPEC §2 and the error handlers, without the layers above it."""
     app = QuartTrio("serve", static_folder=None)  # no default `/static` route: every route is documented
     app.config["MAX_CONTENT_LENGTH"] = services.config.server.max_body_bytes
     # Before any route exists (STACK-NOTES 7): a redirect would answer with an HTML body.
@@ -63,12 +63,6 @@ def create_app(services: Services) -> QuartTrio:
     async def auth_events() -> Response:
         return error_response(ServeError())
 
-    # Quart's documented middleware seam is replacing `asgi_app`; its hypercorn TypedDicts are looser here.
-    quart_asgi = cast(ASGIApp, app.asgi_app)
-    gated = Gates(
-        fast_gets(stream.event_stream(quart_asgi, services), services), services.config.server, services.token
-    )
-    app.asgi_app = cast(Any, shield_final_send(gated))  # type: ignore[method-assign]
     return app
 
 

@@ -4,18 +4,20 @@ A monitor or a UI polls these many times a second; through Quart each costs a re
 routing, a `Response` and `after_request` hooks, which is most of the daemon's CPU per request. This layer
 sits behind the gates (so every gate runs first, exactly as for Quart's routes) and answers an exact
 `GET` of one of these paths with the same bytes Quart's route would send: the bodies come from the same
-functions (`serve.wire`, `routes.status_snapshot`), `health` and `capabilities` built once. Anything else
+functions (`serve.wire`, `status_snapshot` here), `health` and `capabilities` built once. Anything else
 (HEAD, a trailing slash, another path or method) goes on to Quart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from serve import __version__, wire
 from serve.http.gates import ASGIApp, Receive, Scope, Send
-from serve.http.routes import status_snapshot
 from serve.http.services import Services
+from serve.models import CredentialSummary
+from serve.status import provider_statuses
 
 FEATURES = (
     "health",
@@ -40,6 +42,28 @@ def capabilities_bytes(services: Services) -> bytes:
 
 
 HEALTH_BYTES = wire.dumps({"status": "ok"}).encode()
+
+
+def status_snapshot(services: Services) -> dict[str, Any]:
+    """`GET /workspace/auth/status`'s body, here and in Quart's route (`serve.http.routes`) alike."""
+    keeper = services.keeper
+    cells = provider_statuses(
+        services.providers.values(),
+        services.store,
+        services.clock.now_ms(),
+        is_invalid=keeper.is_invalid if keeper is not None else _never_invalid,
+    )
+    registry = services.registry
+    return wire.status_body(
+        workspace_cwd=str(services.workspace),
+        providers=cells,
+        pending=registry.pending(),
+        supported_providers=registry.supported_providers,
+    )
+
+
+def _never_invalid(_provider_id: str, _summary: CredentialSummary) -> bool:
+    return False
 
 
 def fast_gets(app: ASGIApp, services: Services) -> ASGIApp:

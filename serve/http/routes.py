@@ -1,4 +1,4 @@
-"""The device-flow routes, the status snapshot and `/openapi.json` (SPEC §2), wire-compatible with
+"""The device-flow routes, the status route and `/openapi.json` (SPEC §2), wire-compatible with
 `qwen serve` 0.24.4.
 
 Gates 1–5 (Host, Origin, bearer, strict, body size) have already run in `serve.http.gates` before any
@@ -9,17 +9,15 @@ original orders it: after the body checks on POST, after the 404 lookup on GET, 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from quart import Quart, Response, request
 
 from serve import wire
 from serve.errors import InvalidClientId, InvalidRequest, LogoutFailed, PersistError, ShuttingDown, UnsupportedProvider
+from serve.http.fast import status_snapshot
 from serve.http.openapi import openapi_document
 from serve.http.responses import json_response, read_json_body
 from serve.http.services import Services
-from serve.models import CredentialSummary
-from serve.status import provider_statuses
 
 CLIENT_ID_HEADER = "X-Qwen-Client-Id"
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -33,28 +31,6 @@ def client_id_from_request() -> str | None:
     if not _CLIENT_ID_RE.fullmatch(value):
         raise InvalidClientId
     return value
-
-
-def status_snapshot(services: Services) -> dict[str, Any]:
-    """`GET /workspace/auth/status`'s body (also served by `serve.http.fast` without Quart)."""
-    keeper = services.keeper
-    cells = provider_statuses(
-        services.providers.values(),
-        services.store,
-        services.clock.now_ms(),
-        is_invalid=keeper.is_invalid if keeper is not None else _never_invalid,
-    )
-    registry = services.registry
-    return wire.status_body(
-        workspace_cwd=str(services.workspace),
-        providers=cells,
-        pending=registry.pending(),
-        supported_providers=registry.supported_providers,
-    )
-
-
-def _never_invalid(_provider_id: str, _summary: CredentialSummary) -> bool:
-    return False
 
 
 def install(app: Quart, services: Services) -> None:

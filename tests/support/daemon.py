@@ -16,6 +16,7 @@ from serve.clock import WallClock
 from serve.config import Config, load_config
 from serve.daemon import RunningDaemon, compose
 from serve.http.app import create_app
+from serve.http.services import Services
 from serve.store import FileCredentialStore
 
 IN_MEMORY_HOST = "127.0.0.1:4170"
@@ -37,17 +38,12 @@ def _no_idp_here(request: httpx.Request) -> httpx.Response:
     raise AssertionError(f"an in-memory app tried to reach an IdP: {request.url}")
 
 
-def app_for(config: Config | None = None, *, token: bytes | None, workspace: Path, qwen_home: Path) -> QuartTrio:
-    """The daemon's real app over real parts (bus, registry, store, providers), served from memory.
-
-    For tests of gates, bodies and route shapes: Quart's test client calls the same ASGI app hypercorn
-    would (gates, shield, routing, error handlers), without sockets. The registry is not running, so a
-    login cannot start here; tests that log in use a real daemon.
-    """
+def services_for(config: Config | None = None, *, token: bytes | None, workspace: Path, qwen_home: Path) -> Services:
+    """The daemon's real parts (bus, registry, store, providers), not running, with no IdP reachable."""
     config = config or load_config()
     # No IdP is reached from memory: the registry does not run, so a request here would be a test bug.
     unreachable = httpx.AsyncClient(transport=httpx.MockTransport(_no_idp_here))
-    services = compose(
+    return compose(
         config,
         token=token,
         workspace=workspace,
@@ -56,7 +52,16 @@ def app_for(config: Config | None = None, *, token: bytes | None, workspace: Pat
         clock=WallClock(),
         env={},
     )
-    return create_app(services)
+
+
+def app_for(config: Config | None = None, *, token: bytes | None, workspace: Path, qwen_home: Path) -> QuartTrio:
+    """The daemon's real app over real parts (`services_for`), served from memory.
+
+    For tests of gates, bodies and route shapes: Quart's test client calls the same ASGI app hypercorn
+    would (gates, shield, routing, error handlers), without sockets. The registry is not running, so a
+    login cannot start here; tests that log in use a real daemon.
+    """
+    return create_app(services_for(config, token=token, workspace=workspace, qwen_home=qwen_home))
 
 
 @asynccontextmanager
