@@ -223,8 +223,9 @@ class _Server:
 
 
 # The ASGI scope extension through which a WebSocket handler may write whole frames it encoded itself,
-# straight to its connection (under the connection's send lock): the event stream's fan-out writes one
-# pre-encoded frame to a thousand sockets without a thousand trips through Quart, hypercorn and wsproto.
+# straight to its connection, in order with the connection's other writes (`_Connection._raw_send`): the
+# event stream's fan-out writes one pre-encoded frame to a thousand sockets without a thousand trips
+# through hypercorn and wsproto, and, when the socket takes it at once, without a trip through the scheduler.
 RAW_SEND_EXTENSION = "qwen-serve.raw_send"
 
 
@@ -276,9 +277,31 @@ class _Connection(TCPServer):
         self._reader = trio.CancelScope()
         self._reading = True
         self.app = _RawSendApp(self.app, self._raw_send)
+        # For `_raw_send`'s direct writes: the socket, unless TLS must encrypt what is sent.
+        self._plain_socket = None if isinstance(self.stream, trio.SSLStream) else self.stream.socket
 
     async def _raw_send(self, data: bytes) -> None:
-        await self.protocol_send(RawData(data=data))
+        """Write `data` (whole WebSocket frames) to the peer, in order with every other write.
+
+        On a plain socket with no write in progress, the bytes go to the kernel at once (`os.write` on the
+        non-blocking descriptor): no lock round trip, no shielded scope. Whatever the socket buffer does
+        not take then goes the usual way, shielded from the start, so a frame is never left half written.
+        """
+        # The descriptor is read now, not kept: once the socket is closed it is -1, never a number the
+        # process may since have given to another file.
+        fd = self._plain_socket.fileno() if self._plain_socket is not None else -1
+        if fd >= 0 and not self.send_lock.locked():
+            try:
+                written = os.write(fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                written = 0  # the peer is gone: the usual path below notices and ends the connection
+            if written == len(data):
+                return
+            data = data[written:]
+        with trio.CancelScope(shield=True):
+            await self.protocol_send(RawData(data=data))
 
     async def run(self) -> None:
         # hypercorn's TCPServer.run, without the HTTP/2 branches and with the reader in a cancel scope.

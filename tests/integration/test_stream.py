@@ -618,3 +618,67 @@ async def test_frames_decode_as_rfc_6455_with_and_without_a_negotiated_extension
     hello, small, large = (json.loads(text) for text in texts)
     assert hello["type"] == "hello"
     assert small["data"]["deviceFlowId"] == "df-small" and large["data"]["hint"] == big
+
+
+async def test_frames_written_straight_to_the_socket_never_split_the_servers_own_frames(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], token: str
+) -> None:
+    """Events go to the socket directly when no other write is in progress (serve.http.server's raw send),
+    while hypercorn answers the client's pings with pongs of its own. With a client that pings all along and
+    first reads nothing (so writes block half done), every frame still arrives whole: each event in order,
+    a pong for each ping."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Ping, Pong, Request, TextMessage
+
+    events, pings = 300, 200
+    hint = "y" * 20_000
+    with trio.fail_after(30):
+        async with start_stream(subscriber_queue=1000, heartbeat_s=30) as daemon:
+            client = WSConnection(ConnectionType.CLIENT)
+            stream = await trio.open_tcp_stream("127.0.0.1", port_of(daemon))
+            async with stream:
+                request = Request(
+                    host=urlsplit(daemon.url).netloc,
+                    target=EVENTS_PATH,
+                    extra_headers=[(b"authorization", f"Bearer {token}".encode())],
+                )
+                await stream.send_all(client.send(request))
+                texts: list[str] = []
+                pongs: list[bytes] = []
+                partial = ""
+
+                async def read_some() -> None:
+                    nonlocal partial
+                    client.receive_data(await stream.receive_some(1 << 16))
+                    for event in client.events():
+                        if isinstance(event, TextMessage):
+                            partial += event.data
+                            if event.message_finished:
+                                texts.append(partial)
+                                partial = ""
+                        elif isinstance(event, Pong):
+                            pongs.append(bytes(event.payload))
+                        else:
+                            assert isinstance(event, AcceptConnection)
+
+                while not texts:  # the hello
+                    await read_some()
+
+                async def ping_all_along() -> None:
+                    for n in range(pings):
+                        await stream.send_all(client.send(Ping(payload=str(n).encode())))
+                        await trio.sleep(0.001)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ping_all_along)
+                    bus = bus_of(daemon)
+                    for n in range(events):
+                        bus.publish(FlowFailed(f"df-{n}", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, hint))
+                        if n % 20 == 0:
+                            await trio.sleep(0.005)
+                    await trio.sleep(0.3)  # nothing read yet: the socket buffers are full by now
+                    while len(texts) < events + 1 or len(pongs) < pings:
+                        await read_some()
+    ids = [json.loads(text)["id"] for text in texts[1:]]
+    assert ids == list(range(1, events + 1))
+    assert pongs == [str(n).encode() for n in range(pings)]
