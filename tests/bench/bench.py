@@ -418,7 +418,7 @@ def alone_table(run: Run) -> str:
             "",
         ],
         [
-            "the triggering POST's own latency (to its 201), 0 subscribers: p50 (min–max over all POSTs)",
+            "the triggering POST's latency (to its 201; sent by a process of its own), 0 subscribers: p50 (min–max over all POSTs)",
             cell(summarize(pooled(subs, "post_latency_idle_s")), MILLIS),
             "",
         ],

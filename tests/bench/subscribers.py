@@ -1,6 +1,8 @@
 """This daemon with N WebSocket subscribers of `WS /workspace/auth/events`, in one daemon per repetition:
 
 1. the POST that starts a login, with no subscriber (its latency, `idle_posts` times, each then cancelled);
+   these POSTs and DELETEs, and those of step 3, are sent from a process of their own (bench/poster.py says
+   why);
 2. N subscribers connect; the daemon's RSS before and after, over N, is the memory per idle subscriber;
 3. `busy_posts` times: a POST, then the time until the last subscriber got its `auth_device_flow_started`
    (from just before the POST was sent), and the POST's own latency; then a DELETE, awaited at every
@@ -29,7 +31,8 @@ import trio
 from support.login import oauth_error, qwen_tokens, script_devices
 
 from bench import lean_websocket, servers
-from bench.flows import PROVIDERS, Driven, driven_daemon
+from bench.flows import PROVIDERS, QWEN, Driven, driven_daemon
+from bench.poster import Poster
 
 EVENTS_PATH = "/workspace/auth/events"
 STARTED = "auth_device_flow_started"
@@ -121,12 +124,17 @@ def _granting(grant_at: list[float]) -> Callable[[httpx.Request], httpx.Response
 
 
 async def _measure(d: Driven, plan: Plan) -> dict[str, Any]:
+    async with Poster(d.server.url, servers.TOKEN) as poster:
+        return await _measure_with(d, poster, plan)
+
+
+async def _measure_with(d: Driven, poster: Poster, plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {"subscribers": plan.subscribers}
     idle_latency = []
     for _ in range(plan.idle_posts):
-        flow_id, latency = await d.start_flow()
+        flow_id, _, latency = await poster.start_flow(QWEN)
         idle_latency.append(latency)
-        await d.cancel_flow(flow_id)
+        await poster.cancel_flow(flow_id)
     out["post_latency_idle_s"] = idle_latency
 
     await trio.sleep(0.5)
@@ -142,12 +150,10 @@ async def _measure(d: Driven, plan: Plan) -> dict[str, Any]:
 
         fanout, busy_latency, cancel_fanout = [], [], []
         for _ in range(plan.busy_posts):
-            sent = time.perf_counter()
-            flow_id, latency = await d.start_flow()
+            flow_id, sent, latency = await poster.start_flow(QWEN)
             busy_latency.append(latency)
             fanout.append(await tally.last_arrival((STARTED, flow_id)) - sent)
-            sent = time.perf_counter()
-            await d.cancel_flow(flow_id)
+            sent = await poster.cancel_flow(flow_id)
             cancel_fanout.append(await tally.last_arrival((CANCELLED, flow_id)) - sent)
         out["fanout_started_s"] = fanout
         out["fanout_cancelled_s"] = cancel_fanout
