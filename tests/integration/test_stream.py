@@ -121,6 +121,17 @@ def cancelled(n: int) -> FlowCancelled:
     return FlowCancelled(f"df-{n}")
 
 
+async def publish_until_stalled(bus: EventBus, *, limit: int = 400, pause_s: float = 0.005) -> int:
+    """Publish large events while the bus has a subscriber, at most `limit`: a subscriber that reads nothing
+    fills the socket buffers until the daemon's write stalls (or its queue overflows). Returns how many."""
+    published = 0
+    while bus.subscriber_count and published < limit:
+        bus.publish(FlowFailed(f"df-{published}", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, BIG_HINT))
+        published += 1
+        await trio.sleep(pause_s)
+    return published
+
+
 async def wait_until(predicate: Callable[[], bool]) -> None:
     """Poll daemon-side state that offers no event to wait on (callers bound it with `fail_after`)."""
     while not predicate():  # noqa: ASYNC110
@@ -361,11 +372,8 @@ async def test_a_client_that_stops_reading_is_closed_4000_after_what_it_got(
             open_stream(daemon, bearer, message_queue_size=1) as ws,
         ):
             bus = bus_of(daemon)
-            published = 0
-            while bus.subscriber_count:  # the client reads nothing: socket buffers, then the queue, fill up
-                bus.publish(FlowFailed(f"df-{published}", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, BIG_HINT))
-                published += 1
-                await trio.sleep(0.002)
+            # The client reads nothing: socket buffers, then the queue, fill up.
+            published = await publish_until_stalled(bus, limit=1_000_000, pause_s=0.002)
             frames, reason = await frames_until_close(ws)
     assert frames[0]["type"] == "hello"
     ids = [f["id"] for f in frames[1:]]
@@ -384,12 +392,8 @@ async def test_a_send_stalled_for_a_heartbeat_period_frees_the_slot(
             open_stream(daemon, bearer, message_queue_size=1) as ws,
         ):
             bus = bus_of(daemon)
-            published = 0
             # Fill the socket buffers, then stop publishing: the queue never overflows, the write just hangs.
-            while bus.subscriber_count and published < 400:
-                bus.publish(FlowFailed(f"df-{published}", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, BIG_HINT))
-                published += 1
-                await trio.sleep(0.005)
+            published = await publish_until_stalled(bus)
             assert published < 400
             # The slot is free while the peer still holds the socket.
             async with open_stream(daemon, bearer) as other:
@@ -418,13 +422,9 @@ async def test_a_stalled_peer_that_keeps_sending_is_still_closed_4000(
             open_stream(daemon, bearer, message_queue_size=1) as ws,
         ):
             bus = bus_of(daemon)
-            published = 0
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(chatter, ws)
-                while bus.subscriber_count and published < 400:  # fill the socket buffers: the write stalls
-                    bus.publish(FlowFailed(f"df-{published}", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, BIG_HINT))
-                    published += 1
-                    await trio.sleep(0.005)
+                published = await publish_until_stalled(bus)
                 await wait_until(lambda: bus.subscriber_count == 0)
                 nursery.cancel_scope.cancel()
             assert published < 400
@@ -558,11 +558,7 @@ async def test_a_peer_that_stopped_reading_does_not_hold_shutdown(
             async with start_stream(subscriber_queue=1000, heartbeat_s=0.5) as daemon:
                 await clients.start(stuck_client, daemon)
                 bus = bus_of(daemon)
-                published = 0
-                while bus.subscriber_count and published < 400:  # fill the socket buffers until the write stalls
-                    bus.publish(FlowFailed(f"df-{published}", ErrorKind.UPSTREAM_ERROR, FlowStatus.ERROR, BIG_HINT))
-                    published += 1
-                    await trio.sleep(0.005)
+                published = await publish_until_stalled(bus)  # fill the socket buffers until the write stalls
                 assert published < 400
                 stopping_at = trio.current_time()
             took = trio.current_time() - stopping_at
