@@ -282,7 +282,7 @@ async def _serve(config: Config, *, token: bytes | None, workspace: Path, home: 
     leaves is a temp file, which the next start sweeps away.
     """
     # Imported here: the client commands the CLI will grow must not load quart and hypercorn.
-    from serve.daemon import ListenError, RunningDaemon, run_daemon
+    from serve.daemon import ListenError, RoutesUnavailable, RunningDaemon, run_daemon
 
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         first = trio.Event()
@@ -300,16 +300,23 @@ async def _serve(config: Config, *, token: bytes | None, workspace: Path, home: 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_signals)
 
+            exit_code = 0
+
             async def run(*, task_status: trio.TaskStatus[RunningDaemon]) -> None:
-                await run_daemon(
-                    config,
-                    token=token,
-                    workspace=workspace,
-                    qwen_home=home,
-                    shutdown_trigger=first.wait,
-                    dev_idp=dev_idp,
-                    task_status=task_status,
-                )
+                nonlocal exit_code
+                try:
+                    await run_daemon(
+                        config,
+                        token=token,
+                        workspace=workspace,
+                        qwen_home=home,
+                        shutdown_trigger=first.wait,
+                        dev_idp=dev_idp,
+                        task_status=task_status,
+                    )
+                except RoutesUnavailable as exc:
+                    print(f"qwen-serve: {exc}; the daemon stopped", file=sys.stderr)
+                    exit_code = 1
                 nursery.cancel_scope.cancel()  # drained: stop watching signals
 
             try:
@@ -320,7 +327,7 @@ async def _serve(config: Config, *, token: bytes | None, workspace: Path, home: 
                 return 1
             # stdout is block-buffered when piped: flush, or whoever waits for this line hangs.
             print(f"qwen-serve listening on {daemon.url} (workspace={workspace})", flush=True)
-    return 0
+    return exit_code
 
 
 RUN_EPILOG = """\
@@ -348,7 +355,7 @@ output and exit codes:
   stdout gets exactly one line once bound: `qwen-serve listening on URL (workspace=DIR)`; logs and audit
   lines go to stderr. SIGINT, SIGTERM, SIGHUP and SIGQUIT stop gracefully (within 1 s, 5 s while a
   credential write is in flight); a second one exits at once. Exit 0 after a signal, 1 if the address
-  cannot be bound, 2 for a bad flag, configuration key or token file.
+  cannot be bound or the HTTP routes cannot be loaded, 2 for a bad flag, configuration key or token file.
 
 development identity provider (--dev-idp):
   A DEVELOPMENT IdP in the daemon's own process, on 127.0.0.1 at a free port (its URL is logged on

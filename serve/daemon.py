@@ -61,6 +61,11 @@ LOOPBACK_ORIGINS = ("all://127.0.0.1", "all://localhost", "all://[::1]")
 WEBSOCKET_MAX_MESSAGE_BYTES = 4096
 
 
+class RoutesUnavailable(Exception):
+    """The HTTP routes (Quart, loaded after the daemon listens) could not be loaded or started: the daemon
+    stopped, and the CLI exits 1."""
+
+
 class ListenError(Exception):
     """The daemon could not bind its address (in use, not permitted, not local); the CLI exits 1."""
 
@@ -249,7 +254,8 @@ async def run_daemon(
     tests: real components are injected, not mocked. `max_connections` defaults to what the descriptor limit
     allows (raised to its hard limit first). `dev_idp` also serves `serve.dev_idp` in this nursery and adds
     its provider `dev` (raises `ConfigError` if the configuration has one). Raises `ListenError` if the
-    address cannot be bound.
+    address cannot be bound, and `RoutesUnavailable` (after a normal shutdown) if the HTTP routes could not
+    be loaded once it listened.
     Cancelling it stops at once, without the graceful drain.
     """
     clock = clock or WallClock()
@@ -263,6 +269,12 @@ async def run_daemon(
         dev.check_config(config)
     stop = trio.Event()
     bound = False
+    routes_failure: list[str] = []
+
+    def routes_failed(reason: str) -> None:
+        routes_failure.append(reason)
+        stop.set()
+
     http = idp_client(http_transport)
     try:
         async with http, trio.open_nursery() as nursery:
@@ -282,7 +294,7 @@ async def run_daemon(
             if services.keeper is not None:
                 await nursery.start(services.keeper.run)
             # hypercorn's TypedDicts are stricter than our ASGI aliases.
-            app = cast(ASGIFramework, serving_app(services))
+            app = cast(ASGIFramework, serving_app(services, on_failure=routes_failed))
 
             async def shutdown() -> None:
                 await _first_of(stop.wait, *([shutdown_trigger] if shutdown_trigger is not None else []))
@@ -306,6 +318,8 @@ async def run_daemon(
         if cause is None:
             raise
         raise ListenError(hc.bind[0], cause) from None
+    if routes_failure:
+        raise RoutesUnavailable(routes_failure[0])
 
 
 def describe_providers(config: Config) -> list[str]:

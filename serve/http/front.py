@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import trio
 
+from serve.audit import sanitize
 from serve.errors import ServeError
 from serve.http.asgi import shield_final_send
 from serve.http.fast import fast_gets
@@ -38,10 +39,16 @@ def front(services: Services, quart: ASGIApp) -> ASGIApp:
     return shield_final_send(Gates(layers, services.config.server, services.token))
 
 
-def serving_app(services: Services, *, build_quart: Callable[[Services], ASGIApp] | None = None) -> ASGIApp:
+def serving_app(
+    services: Services,
+    *,
+    on_failure: Callable[[str], None],
+    build_quart: Callable[[Services], ASGIApp] | None = None,
+) -> ASGIApp:
     """The daemon's app: `front`, over a Quart that is loaded once the server listens (by `build_quart`, run
-    in a worker thread; a seam for tests)."""
-    return front(services, _QuartLoadedLater(services, build_quart or _build_quart))
+    in a worker thread; a seam for tests). If Quart cannot be built or started, `on_failure` gets one line
+    saying why (the daemon then stops: without its routes it cannot log anyone in)."""
+    return front(services, _QuartLoadedLater(services, build_quart or _build_quart, on_failure))
 
 
 def _build_quart(services: Services) -> ASGIApp:
@@ -57,11 +64,16 @@ class _QuartLoadedLater:
 
     The server's lifespan task owns Quart's: when Quart is built it gets its own `lifespan.startup`, and at
     the server's `lifespan.shutdown` its `lifespan.shutdown` (or the load is abandoned if it never ended).
+    Requests for Quart wait until it is ready; whatever happens to the load, they stop waiting (a Quart
+    that never came answers them with the JSON 500).
     """
 
-    def __init__(self, services: Services, build: Callable[[Services], ASGIApp]) -> None:
+    def __init__(
+        self, services: Services, build: Callable[[Services], ASGIApp], on_failure: Callable[[str], None]
+    ) -> None:
         self._services = services
         self._build = build
+        self._on_failure = on_failure
         self._quart: ASGIApp | None = None
         self._ready = trio.Event()
 
@@ -71,7 +83,7 @@ class _QuartLoadedLater:
             return
         await self._ready.wait()
         if self._quart is None:
-            await send_error(scope, send, ServeError())  # the load failed and was logged
+            await send_error(scope, send, ServeError())
             return
         await self._quart(scope, receive, send)
 
@@ -79,16 +91,20 @@ class _QuartLoadedLater:
         await receive()  # lifespan.startup
         to_quart, quart_receives = trio.open_memory_channel[Message](1)
         quart_sends, from_quart = trio.open_memory_channel[Message](1)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._load, to_quart, from_quart, quart_sends, quart_receives)
-            await send({"type": "lifespan.startup.complete"})
-            await receive()  # lifespan.shutdown
-            if self._quart is None:
-                nursery.cancel_scope.cancel()  # still loading: abandon it
-            else:
-                await to_quart.send({"type": "lifespan.shutdown"})
-                await from_quart.receive()
-        self._ready.set()  # nothing waits for a Quart that will never come
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._load, to_quart, from_quart, quart_sends, quart_receives)
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+                if self._quart is None:
+                    nursery.cancel_scope.cancel()  # still loading: abandon it
+                else:
+                    await to_quart.send({"type": "lifespan.shutdown"})
+                    stopped = await from_quart.receive()
+                    if stopped["type"] != "lifespan.shutdown.complete":
+                        log.error("the HTTP routes failed to stop: %s", sanitize(str(stopped.get("message", ""))))
+        finally:
+            self._ready.set()  # nothing waits for a Quart that will never come
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _load(
@@ -99,19 +115,30 @@ class _QuartLoadedLater:
         quart_receives: trio.MemoryReceiveChannel[Message],
     ) -> None:
         try:
-            quart = await trio.to_thread.run_sync(self._build, self._services, abandon_on_cancel=True)
-        except Exception as exc:
-            log.exception("cannot load the HTTP routes: %s", type(exc).__name__)
-            self._ready.set()
-            return
-        async with trio.open_nursery() as nursery:
-            scope: dict[str, Any] = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
-            nursery.start_soon(quart, scope, quart_receives.receive, quart_sends.send)
-            await to_quart.send({"type": "lifespan.startup"})
-            started = await from_quart.receive()
-            if started["type"] != "lifespan.startup.complete":
-                log.error("the HTTP routes failed to start: %s", started.get("message", ""))
-                nursery.cancel_scope.cancel()
-            else:
-                self._quart = quart
-            self._ready.set()
+            try:
+                quart = await trio.to_thread.run_sync(self._build, self._services, abandon_on_cancel=True)
+            except Exception as exc:
+                log.exception("cannot load the HTTP routes")
+                self._on_failure(f"cannot load the HTTP routes: {type(exc).__name__}")
+                return
+            try:
+                # Quart's lifespan task lives here until the server's shutdown.
+                async with trio.open_nursery() as nursery:
+                    scope: dict[str, Any] = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
+                    nursery.start_soon(quart, scope, quart_receives.receive, quart_sends.send)
+                    await to_quart.send({"type": "lifespan.startup"})
+                    started = await from_quart.receive()
+                    if started["type"] != "lifespan.startup.complete":
+                        reason = sanitize(str(started.get("message", "")))
+                        log.error("the HTTP routes failed to start: %s", reason)
+                        self._on_failure("the HTTP routes failed to start")
+                        nursery.cancel_scope.cancel()
+                        return
+                    self._quart = quart
+                    self._ready.set()
+            except Exception:
+                self._quart = None  # its lifespan is gone: nothing would answer a shutdown
+                log.exception("the HTTP routes failed")
+                self._on_failure("the HTTP routes failed")
+        finally:
+            self._ready.set()  # also when the load failed or was abandoned: no request waits for ever

@@ -89,6 +89,10 @@ def event_stream(app: ASGIApp, services: Services) -> ASGIApp:
         except ServeError as exc:
             await send_error(scope, send, exc)
             return
+        except Exception:
+            logger.exception("event stream handshake failed")
+            await send_error(scope, send, ServeError())  # a JSON 500, as every other route answers
+            return
         with subscription:
             await send({"type": "websocket.accept"})
             await _EventStream(scope, receive, send, bus, subscription, config.heartbeat_s).run()

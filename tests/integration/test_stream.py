@@ -541,6 +541,20 @@ async def test_a_handler_error_closes_1011(
     assert "event stream failed" in caplog.text
 
 
+async def test_a_handler_error_before_the_handshake_is_a_json_500(
+    daemon: RunningDaemon, bearer: Headers, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_subscribe(since: int | None = None, epoch: str | None = None) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bus_of(daemon), "subscribe", broken_subscribe)
+    with trio.fail_after(5):
+        error = await rejected(daemon, bearer)
+    assert (error.status_code, body_of(error)) == (500, {"error": "Internal error", "code": "internal_error"})
+    assert "event stream handshake failed" in caplog.text
+    assert "boom" not in (error.body or b"").decode()
+
+
 async def test_a_peer_that_stopped_reading_does_not_hold_shutdown(
     start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], bearer: Headers
 ) -> None:

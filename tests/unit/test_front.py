@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -111,7 +112,8 @@ async def test_startup_does_not_wait_for_quart_and_a_request_for_it_waits_until_
     services: Services,
 ) -> None:
     release = threading.Event()
-    app = serving_app(services, build_quart=held(release))
+    failures: list[str] = []
+    app = serving_app(services, build_quart=held(release), on_failure=failures.append)
     lifespan = Lifespan(app)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -132,13 +134,50 @@ async def test_startup_does_not_wait_for_quart_and_a_request_for_it_waits_until_
             status, document = answered[0]
             assert status == 200 and document["openapi"].startswith("3.")
             await lifespan.shut_down()
+    assert failures == []
 
 
-async def test_a_quart_that_cannot_be_built_is_logged_and_its_requests_get_a_json_500(services: Services) -> None:
-    def broken(services: Services) -> ASGIApp:
-        raise ImportError("no quart here")
+def broken_import(services: Services) -> ASGIApp:
+    raise ImportError("no quart here")
 
-    app = serving_app(services, build_quart=broken)
+
+def failing_startup(services: Services) -> ASGIApp:
+    """The real Quart, with a start-up hook that fails (Quart answers `lifespan.startup.failed`)."""
+    from serve.http.app import quart_app
+
+    app = quart_app(services)
+
+    @app.before_serving
+    async def fail() -> None:
+        raise RuntimeError("cannot start")
+
+    return cast(ASGIApp, app.asgi_app)
+
+
+def crashing_lifespan(services: Services) -> ASGIApp:
+    """An ASGI app whose lifespan raises instead of answering."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        raise RuntimeError("lifespan crashed")
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("build", "failure", "logged"),
+    [
+        (broken_import, "cannot load the HTTP routes: ImportError", "cannot load the HTTP routes"),
+        (failing_startup, "the HTTP routes failed to start", "the HTTP routes failed to start: cannot start"),
+        (crashing_lifespan, "the HTTP routes failed", "the HTTP routes failed"),
+    ],
+    ids=["import", "startup failed", "lifespan crashed"],
+)
+async def test_routes_that_cannot_be_loaded_are_reported_and_their_requests_get_a_json_500(
+    services: Services, build: Callable[[Services], ASGIApp], failure: str, logged: str
+) -> None:
+    failures: list[str] = []
+    app = serving_app(services, build_quart=build, on_failure=failures.append)
     lifespan = Lifespan(app)
     with trio.fail_after(10), captured("serve.http", logging.ERROR) as records:
         async with trio.open_nursery() as nursery:
@@ -146,13 +185,15 @@ async def test_a_quart_that_cannot_be_built_is_logged_and_its_requests_get_a_jso
             status, body = await call(app, "/openapi.json")
             assert status == 500 and body["code"] == "internal_error"
             assert (await call(app, "/health")) == (200, {"status": "ok"})
-            await lifespan.shut_down()
-    assert messages(records, logging.ERROR) == ["cannot load the HTTP routes: ImportError"]
+            await lifespan.shut_down()  # and the shutdown does not wait for the routes
+    assert failures == [failure]
+    assert messages(records, logging.ERROR) == [logged]
 
 
 async def test_a_shutdown_during_the_build_does_not_wait_for_it(services: Services) -> None:
     release = threading.Event()
-    app = serving_app(services, build_quart=held(release))
+    failures: list[str] = []
+    app = serving_app(services, build_quart=held(release), on_failure=failures.append)
     lifespan = Lifespan(app)
     try:
         with trio.fail_after(5):
@@ -164,3 +205,22 @@ async def test_a_shutdown_during_the_build_does_not_wait_for_it(services: Servic
                 assert status == 500
     finally:
         release.set()  # let the abandoned worker thread finish
+    assert failures == []
+
+
+def test_a_daemon_whose_routes_cannot_be_imported_stops_and_exits_1(tmp_path: Path) -> None:
+    """The whole path in a real `qwen-serve run`: Quart unimportable → one line, exit 1, nothing hangs."""
+    script = (
+        "import sys; sys.modules['quart'] = None; "  # `import quart` now raises ImportError
+        "from serve.cli import entry; sys.argv = ['qwen-serve', 'run', '--port', '0', '--workspace', sys.argv[1]]; "
+        "entry()"
+    )
+    env = {**os.environ, "QWEN_HOME": str(tmp_path / "home"), "QWEN_SERVER_TOKEN": "t" * 32}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert done.returncode == 1
+    assert done.stdout.startswith("qwen-serve listening on http://127.0.0.1:")
+    lines = done.stderr.splitlines()
+    assert "qwen-serve: cannot load the HTTP routes: ModuleNotFoundError; the daemon stopped" in lines
+    assert "t" * 32 not in done.stderr
