@@ -49,6 +49,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr
+from wsproto.connection import ConnectionState as WebSocketState
 
 log = logging.getLogger("serve.http.server")
 
@@ -279,6 +280,7 @@ class _Connection(TCPServer):
         self.app = _RawSendApp(self.app, self._raw_send)
         # For `_raw_send`'s direct writes: the socket, unless TLS must encrypt what is sent.
         self._plain_socket = None if isinstance(self.stream, trio.SSLStream) else self.stream.socket
+        self._websocket: Any = None  # hypercorn's WebSocket stream's wsproto connection, once there is one
 
     async def _raw_send(self, data: bytes) -> None:
         """Write `data` (whole WebSocket frames) to the peer, in order with every other write.
@@ -287,6 +289,8 @@ class _Connection(TCPServer):
         non-blocking descriptor): no lock round trip, no shielded scope. Whatever the socket buffer does
         not take then goes the usual way, shielded from the start, so a frame is never left half written.
         """
+        if not self._websocket_open():
+            return  # a close frame has gone out: RFC 6455 §5.5.1 allows no data frame after it
         # The descriptor is read now, not kept: once the socket is closed it is -1, never a number the
         # process may since have given to another file.
         fd = self._plain_socket.fileno() if self._plain_socket is not None else -1
@@ -302,6 +306,19 @@ class _Connection(TCPServer):
             data = data[written:]
         with trio.CancelScope(shield=True):
             await self.protocol_send(RawData(data=data))
+
+    def _websocket_open(self) -> bool:
+        """Whether this connection's WebSocket may still carry data frames: hypercorn's WebSocket stream
+        (its wsproto connection) has neither sent nor received a close frame. Through hypercorn, wsproto
+        drops such frames itself; written raw, they would follow hypercorn's own close (its reply to the
+        peer's, or its 1009 for an oversized message, after which the app hears nothing until the peer
+        answers)."""
+        connection = self._websocket
+        if connection is None:  # found once: a connection's WebSocket stream does not change
+            connection = self._websocket = getattr(getattr(self.protocol, "stream", None), "connection", None)
+            if connection is None:
+                return True
+        return connection.state is WebSocketState.OPEN
 
     async def run(self) -> None:
         # hypercorn's TCPServer.run, without the HTTP/2 branches and with the reader in a cancel scope.

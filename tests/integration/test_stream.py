@@ -692,3 +692,70 @@ async def test_frames_written_straight_to_the_socket_never_split_the_servers_own
     ids = [json.loads(text)["id"] for text in texts[1:]]
     assert ids == list(range(1, events + 1))
     assert pongs == [str(n).encode() for n in range(pings)]
+
+
+def _server_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """Whole unmasked frames (opcode, payload) at the start of `data`, and the bytes left over."""
+    frames = []
+    while len(data) >= 2:
+        length, at = data[1] & 0x7F, 2
+        if length == 126:
+            length, at = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, at = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < at + length:
+            break
+        frames.append((data[0] & 0x0F, data[at : at + length]))
+        data = data[at + length :]
+    return frames, data
+
+
+async def test_no_event_follows_the_close_the_server_sends_for_an_oversized_message(
+    start_stream: Callable[..., AbstractAsyncContextManager[RunningDaemon]], token: str
+) -> None:
+    """hypercorn closes 1009 for an inbound message over the limit, then waits for the peer's close; the
+    events published meanwhile must not follow its close frame (RFC 6455 §5.5.1), raw writes included."""
+    with trio.fail_after(10):
+        async with start_stream() as daemon:
+            stream = await trio.open_tcp_stream("127.0.0.1", port_of(daemon))
+            async with stream:
+                await stream.send_all(
+                    f"GET {EVENTS_PATH} HTTP/1.1\r\nHost: {urlsplit(daemon.url).netloc}\r\n"
+                    f"Authorization: Bearer {token}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+                )
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += await stream.receive_some(65536)
+                head, rest = received.split(b"\r\n\r\n", 1)
+                assert head.startswith(b"HTTP/1.1 101")
+                buffer = rest
+
+                async def frames_through(opcode: int) -> list[tuple[int, bytes]]:
+                    nonlocal buffer
+                    frames: list[tuple[int, bytes]] = []
+                    while not any(op == opcode for op, _ in frames):
+                        more, buffer = _server_frames(buffer)
+                        frames += more
+                        if not more:
+                            buffer += await stream.receive_some(65536)
+                    return frames
+
+                assert (await frames_through(0x1))[0][0] == 0x1  # the hello
+                payload = b"x" * 5000  # over the 4 KiB inbound limit, masked as a client must
+                mask = b"\x01\x02\x03\x04"
+                masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+                await stream.send_all(b"\x81\xfe" + len(payload).to_bytes(2, "big") + mask + masked)
+                frames = await frames_through(0x8)
+                assert frames[-1] == (0x8, (1009).to_bytes(2, "big"))
+                bus = bus_of(daemon)
+                for n in range(5):
+                    bus.publish(cancelled(n))
+                after = b""
+                with trio.move_on_after(0.5):
+                    while True:
+                        chunk = await stream.receive_some(65536)
+                        if not chunk:
+                            break
+                        after += chunk
+    assert after == b""
