@@ -81,7 +81,8 @@ class _QuartLoadedLater:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        await self._ready.wait()
+        if not self._ready.is_set():  # once ready, no wait (`Event.wait` would still yield a turn)
+            await self._ready.wait()
         if self._quart is None:
             await send_error(scope, send, ServeError())
             return
