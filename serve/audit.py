@@ -32,11 +32,12 @@ def sanitize(text: str) -> str:
     return _UNSAFE.sub("?", text)
 
 
-def _hint_field(hint: str) -> str:
-    clean = sanitize(hint)
-    if len(clean) > HINT_MAX_CHARS:
-        clean = clean[: HINT_MAX_CHARS - 1] + "…"
-    # JSON string escaping keeps the line parseable whatever quotes or backslashes the hint holds.
+def quoted(text: str, max_chars: int | None = None) -> str:
+    """`text` sanitized (and cut to `max_chars`) as a JSON string: one line in a log, whatever it quotes
+    (quotes, backslashes and control characters included)."""
+    clean = sanitize(text)
+    if max_chars is not None and len(clean) > max_chars:
+        clean = clean[: max_chars - 1] + "…"
     return json.dumps(clean, ensure_ascii=False)
 
 
@@ -63,7 +64,7 @@ def format_line(
     if expires_in_ms is not None:
         parts.append(f"expiresInMs={expires_in_ms}")
     if hint is not None:
-        parts.append(f"hint={_hint_field(hint)}")
+        parts.append(f"hint={quoted(hint, HINT_MAX_CHARS)}")
     return " ".join(parts)
 
 

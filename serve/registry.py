@@ -46,7 +46,6 @@ PKCE verifier at once. The only timing lives here: providers never sleep or retr
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import uuid
@@ -56,7 +55,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from serve.audit import Audit, sanitize
+from serve.audit import Audit, quoted, sanitize
 from serve.clock import WallClock
 from serve.config import DeviceFlowConfig
 from serve.credentials import CommitGate, Credentials, CredentialStore
@@ -167,17 +166,12 @@ def _log_failure(
         parts.append(f"failure={diagnosis.failure.value}")
         detail, hint = diagnosis.detail, diagnosis.hint
     if detail is not None:
-        parts.append(f"detail={_quoted(detail)}")
+        parts.append(f"detail={quoted(detail)}")
     if outcome is not None:
-        parts.append(f"outcome={_quoted(outcome)}")
+        parts.append(f"outcome={quoted(outcome)}")
     if hint is not None:
-        parts.append(f"hint={_quoted(hint)}")
+        parts.append(f"hint={quoted(hint)}")
     logger.warning("%s", " ".join(parts))
-
-
-def _quoted(text: str) -> str:
-    # JSON string escaping keeps the line one line, whatever it quotes.
-    return json.dumps(sanitize(text), ensure_ascii=False)
 
 
 @dataclass(eq=False, slots=True)
