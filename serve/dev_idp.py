@@ -37,6 +37,7 @@ import trio
 from serve.config import Config, Rfc8628ProviderConfig
 from serve.errors import ConfigError
 from serve.http import server
+from serve.http.asgi import lifespan_without_hooks
 from serve.netloc import split_host
 
 log = logging.getLogger("serve.dev_idp")
@@ -422,13 +423,8 @@ def asgi(idp: DevIdP) -> Callable[..., Awaitable[None]]:
 
     async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan_without_hooks(receive, send)
+            return
         if scope["type"] != "http":
             return  # no WebSocket here: hypercorn closes the handshake
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -56,3 +56,14 @@ def shield_final_send(app: ASGIApp) -> ASGIApp:
         await app(scope, receive, send_final_shielded)
 
     return wrapped
+
+
+async def lifespan_without_hooks(receive: Receive, send: Send) -> None:
+    """Answer an ASGI lifespan for an app with nothing to start or stop: each step completes at once."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        else:
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import httpx
 import hypercorn.config
@@ -19,6 +20,8 @@ import hypercorn.trio
 import trio
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
+from serve.http.asgi import lifespan_without_hooks
+from serve.http.gates import Receive, Send
 from support.fake_idp import FakeIdP
 
 
@@ -38,13 +41,9 @@ class ServedIdP:
 def _asgi(served: ServedIdP) -> ASGIFramework:
     async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            # hypercorn's TypedDicts are stricter than the project's ASGI aliases.
+            await lifespan_without_hooks(cast(Receive, receive), cast(Send, send))
+            return
         assert scope["type"] == "http", "the fake IdP speaks plain HTTP only"
         body = b""
         while True:
