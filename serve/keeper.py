@@ -205,15 +205,20 @@ class CredentialKeeper:
         """The flocked descriptor of the credential's lock file, or None after `lock_wait_s` of trying.
         Raises `OSError` when the lock file cannot be opened."""
         fd = await trio.to_thread.run_sync(open_lock_file, self._store.qwen_home, file_name)
-        with trio.move_on_after(self._config.lock_wait_s):
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return fd
-                except BlockingIOError:
-                    await trio.sleep(LOCK_RETRY_S)
-        os.close(fd)
-        return None
+        locked = False
+        try:
+            with trio.move_on_after(self._config.lock_wait_s):
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        locked = True
+                        return fd
+                    except BlockingIOError:
+                        await trio.sleep(LOCK_RETRY_S)
+            return None
+        finally:
+            if not locked:  # timed out, or cancelled while waiting (a shutdown): the descriptor is ours to close
+                os.close(fd)
 
     # --- logout -----------------------------------------------------------------------------------------
 

@@ -6,8 +6,10 @@ autojump clock; the IdP is a scripted `httpx.MockTransport` handler. Wall time i
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
+import os
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -270,6 +272,27 @@ async def test_two_daemons_on_one_home_refresh_once(home: Path, clock: trio.test
             nursery.start_soon(_record, outcomes, setup.keeper.refresh("acme"))
     assert sorted(outcomes) == ["fresh", "refreshed"] and len(idp.refreshes) == 1
     assert (home / (FILE + ".lock")).exists() and stat.S_IMODE((home / (FILE + ".lock")).stat().st_mode) == 0o600
+
+
+async def test_waiting_for_another_process_lock_leaves_no_descriptor_behind(
+    home: Path, clock: trio.testing.MockClock
+) -> None:
+    """Another process holds the lock file: a refresh that gives up after `lock_wait_s`, and one cancelled
+    while it waits (a shutdown), both close the lock file they opened."""
+    setup = make(home, RefreshIdP())
+    await write(setup.store, document(EPOCH_MS - LIFETIME_S * 1000))
+    await setup.store.load([FILE])
+    other = os.open(home / (FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other, fcntl.LOCK_EX)  # flock is per open file: this holds it against the keeper's own open
+    try:
+        open_before = len(os.listdir("/proc/self/fd"))
+        assert await setup.keeper.refresh("acme") == "locked"
+        with trio.move_on_after(CONFIG.lock_wait_s / 2) as waiting:
+            await setup.keeper.refresh("acme")
+        assert waiting.cancelled_caught
+        assert len(os.listdir("/proc/self/fd")) == open_before
+    finally:
+        os.close(other)
 
 
 @pytest.mark.parametrize(
