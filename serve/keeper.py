@@ -114,7 +114,9 @@ class CredentialKeeper:
                     await self._store.wait_changed()
                 continue
             outcome = await self.refresh(provider_id)
-            if outcome in ("transient", "locked"):
+            # "missing" too: the cache can still say due while the file is unreadable (being rewritten, or
+            # broken; the store keeps the last good summary), and trying again at once would spin.
+            if outcome in ("transient", "locked", "missing"):
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, self._config.retry_max_s)
             else:

@@ -274,6 +274,32 @@ async def test_two_daemons_on_one_home_refresh_once(home: Path, clock: trio.test
     assert (home / (FILE + ".lock")).exists() and stat.S_IMODE((home / (FILE + ".lock")).stat().st_mode) == 0o600
 
 
+async def test_a_due_file_that_cannot_be_read_is_retried_with_back_off_not_at_once(
+    home: Path, clock: trio.testing.MockClock
+) -> None:
+    """The store keeps the last good summary of a file it cannot parse (its writer may not be done), so the
+    cache still says due: the keeper must not try again at once, over and over."""
+    setup = make(home, RefreshIdP())
+    await write(setup.store, document(EPOCH_MS - LIFETIME_S * 1000))
+    await setup.store.load([FILE])
+    (home / FILE).write_text("{not json")
+    reads = 0
+    read_current = setup.store.read_current
+    # Virtual time: back-offs of 5, 10, 20 s fit in 60 s; a spin never lets time pass, so 50 reads end it.
+    with trio.move_on_after(60) as bound:
+
+        async def counted(file_name: str) -> Any:
+            nonlocal reads
+            reads += 1
+            if reads >= 50:
+                bound.cancel()
+            return await read_current(file_name)
+
+        setup.store.read_current = counted  # type: ignore[method-assign]
+        await setup.keeper.keep_fresh("acme")
+    assert reads <= 5
+
+
 async def test_waiting_for_another_process_lock_leaves_no_descriptor_behind(
     home: Path, clock: trio.testing.MockClock
 ) -> None:
