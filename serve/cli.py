@@ -359,8 +359,8 @@ output and exit codes:
 
 development identity provider (--dev-idp):
   A DEVELOPMENT IdP in the daemon's own process, on 127.0.0.1 at a free port (its URL is logged on
-  stderr), added as the provider `dev`, so a login works with no network: run `qwen-serve login dev`,
-  open the URL it prints and press Approve. It keeps its codes and tokens in memory (a restart forgets
+  stderr), added as the provider `dev`, so a login works with no network: run
+  `qwen-serve login --provider dev`, open the URL it prints and press Approve. It keeps its codes and tokens in memory (a restart forgets
   them), stops with the daemon, and approves whoever can open its page: for demos, never real accounts.
 
 examples:

@@ -63,7 +63,7 @@ def run_token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     relative = credentials_file(provider_id)
     deadline = time.monotonic() + args.wait
     while True:
-        found = _read(home, relative)
+        found = _read(home, relative, provider_id)
         if isinstance(found, str):
             return _fail(found, EXIT_NO_TOKEN)
         token, token_type, expires_at_ms = found
@@ -88,11 +88,10 @@ def run_token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
-def _read(home: Path, relative: str) -> tuple[str, str, int | None] | str:
+def _read(home: Path, relative: str, provider_id: str) -> tuple[str, str, int | None] | str:
     """(token, token type, expiry in epoch ms) from the file, or a one-line reason it cannot be had."""
     path = home / relative
-    provider = relative.removesuffix(".json").removeprefix("device-flow/")
-    login = f"log in with `qwen-serve login --provider {provider}`"
+    login = f"log in with `qwen-serve login --provider {provider_id}`"
     try:
         found = read_private(home, relative)
     except OSError as exc:

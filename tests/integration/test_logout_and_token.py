@@ -114,6 +114,9 @@ def test_token_on_expired_or_missing_credentials_is_one_line_and_exit_1(
     assert main(["token", "acme"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("qwen-serve: no credentials in ") and "qwen-serve login --provider acme" in err
+    # qwen-oauth's file is oauth_creds.json: the hint still names the provider, not the file.
+    assert main(["token", "qwen-oauth"]) == 1
+    assert "qwen-serve login --provider qwen-oauth`" in capsys.readouterr().err
     write_credentials(home, expires_in_s=-5)
     assert main(["token", "acme"]) == 1
     out, err = capsys.readouterr()
