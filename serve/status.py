@@ -15,13 +15,14 @@ def provider_statuses(
     providers: Iterable[DeviceFlowProvider],
     store: CredentialStore,
     now_ms: int,
-    is_invalid: Callable[[str, CredentialSummary], bool] = lambda _provider_id, _summary: False,
+    is_invalid: Callable[[str, CredentialSummary], bool] | None = None,
 ) -> list[ProviderAuthStatus]:
     """One cell per configured provider, in the given order. Never blocks (the store's cache only).
 
     `authenticated`: a credentials file whose access token has not expired (or whose expiry is unknown);
     `expired`: its expiry is at or before `now_ms`; `unauthenticated`: no file. The alias is the file's
-    only when `shown_alias` vouches for it. `invalid`: the file the IdP refused to refresh (`is_invalid`).
+    only when `shown_alias` vouches for it. `invalid`: the file the IdP refused to refresh (`is_invalid`, given
+    when the daemon refreshes).
     """
     cells = []
     for provider in providers:
@@ -31,7 +32,7 @@ def provider_statuses(
             continue
         expired = summary.expires_at_ms is not None and summary.expires_at_ms <= now_ms
         state = AuthState.EXPIRED if expired else AuthState.AUTHENTICATED
-        if is_invalid(provider.provider_id, summary):
+        if is_invalid is not None and is_invalid(provider.provider_id, summary):
             state = AuthState.INVALID
         cells.append(
             ProviderAuthStatus(

@@ -16,7 +16,6 @@ from typing import Any
 from serve import __version__, wire
 from serve.http.gates import ASGIApp, Receive, Scope, Send
 from serve.http.services import Services
-from serve.models import CredentialSummary
 from serve.status import provider_statuses
 
 FEATURES = (
@@ -51,7 +50,7 @@ def status_snapshot(services: Services) -> dict[str, Any]:
         services.providers.values(),
         services.store,
         services.clock.now_ms(),
-        is_invalid=keeper.is_invalid if keeper is not None else _never_invalid,
+        is_invalid=keeper.is_invalid if keeper is not None else None,
     )
     registry = services.registry
     return wire.status_body(
@@ -60,10 +59,6 @@ def status_snapshot(services: Services) -> dict[str, Any]:
         pending=registry.pending(),
         supported_providers=registry.supported_providers,
     )
-
-
-def _never_invalid(_provider_id: str, _summary: CredentialSummary) -> bool:
-    return False
 
 
 def fast_gets(app: ASGIApp, services: Services) -> ASGIApp:
