@@ -32,7 +32,7 @@ import trio
 
 from serve.audit import sanitize
 from serve.config import Config, load_config
-from serve.errors import ConfigError, Diagnosis, UpstreamError, UpstreamFailure
+from serve.errors import ConfigError, Diagnosis, UpstreamError
 
 if TYPE_CHECKING:
     import httpx
@@ -264,6 +264,6 @@ def _failed(step: str, diagnosis: Diagnosis | None) -> Finding:
 
 
 def _timed_out(bound_s: float) -> Diagnosis:
-    from serve.providers.oauth import HINT_TIMEOUT
+    from serve.providers.oauth import timed_out
 
-    return Diagnosis(UpstreamFailure.IDP_TIMEOUT, HINT_TIMEOUT, f"no answer within start_timeout_s ({bound_s:g} s)")
+    return timed_out("answer", "start_timeout_s", bound_s)

@@ -68,7 +68,6 @@ from serve.errors import (
     TooManyActiveFlows,
     UnsupportedProvider,
     UpstreamError,
-    UpstreamFailure,
 )
 from serve.events import EventBus
 from serve.lifecycle import Shutdown
@@ -94,7 +93,7 @@ from serve.providers.base import (
     PollSuccess,
     PollTransient,
 )
-from serve.providers.oauth import HINT_TIMEOUT, DiagnosedFailure, DiagnosedTransient
+from serve.providers.oauth import DiagnosedFailure, DiagnosedTransient, timed_out
 
 logger = logging.getLogger(__name__)
 
@@ -516,10 +515,9 @@ class DeviceFlowRegistry:
                     # dispose() ran meanwhile: no new flow; an unused device code simply expires at the IdP.
                     attempt.error = ShuttingDown()
                 elif authorization is None:
-                    timeout_s = self._config.start_timeout_s
-                    detail = f"no device authorization within start_timeout_s ({timeout_s:g} s)"
                     attempt.error = UpstreamError(
-                        START_TIMEOUT_MESSAGE, Diagnosis(UpstreamFailure.IDP_TIMEOUT, HINT_TIMEOUT, detail)
+                        START_TIMEOUT_MESSAGE,
+                        timed_out("device authorization", "start_timeout_s", self._config.start_timeout_s),
                     )
                     _log_failure("start", attempt.provider_id, None, attempt.error.diagnosis)
                 else:
@@ -687,9 +685,8 @@ class DeviceFlowRegistry:
     async def _poll_once(self, flow: _Flow, authorization: DeviceAuthorization) -> PollResult:
         """One token request, shielded and bounded by poll_timeout_s (SPEC §3 (+): treated like persist)."""
         # SPEC §3: a poll tick that hits its bound is a transient fault, like a connection error.
-        detail = f"no token reply within poll_timeout_s ({self._config.poll_timeout_s:g} s)"
         result: PollResult = DiagnosedTransient(
-            "poll tick timed out", Diagnosis(UpstreamFailure.IDP_TIMEOUT, HINT_TIMEOUT, detail)
+            "poll tick timed out", timed_out("token reply", "poll_timeout_s", self._config.poll_timeout_s)
         )
         flow.busy = self._busy_scope(self._config.poll_timeout_s)
         try:

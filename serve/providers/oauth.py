@@ -200,6 +200,11 @@ async def send(http: httpx.AsyncClient, request: httpx.Request) -> Reply:
     return Reply(response.status_code, parse_body(bytes(body), response.headers.get("content-type", "")))
 
 
+def timed_out(awaited: str, setting: str, seconds: float) -> Diagnosis:
+    """The diagnosis of a step the daemon's own bound cut short: no `awaited` within `setting`."""
+    return Diagnosis(UpstreamFailure.IDP_TIMEOUT, HINT_TIMEOUT, f"no {awaited} within {setting} ({seconds:g} s)")
+
+
 def form_request(
     http: httpx.AsyncClient,
     url: str,
