@@ -29,9 +29,10 @@ Bodies are rendered by `serve.wire.error_body`. Messages are static or built fro
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import ClassVar
+from typing import ClassVar, Self
 
 
 class ServeError(Exception):
@@ -47,6 +48,11 @@ class ServeError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {}
+
+    def copy(self) -> Self:
+        """A fresh exception of the same class, message and fields, without a traceback: raise one per task
+        when several tasks report one failure (one instance raised in many would share a traceback)."""
+        return copy.copy(self)
 
 
 class InvalidRequest(ServeError):
@@ -218,10 +224,6 @@ class UpstreamError(ServeError):
     def __init__(self, message: str | None = None, diagnosis: Diagnosis | None = None) -> None:
         super().__init__(message)
         self.diagnosis = diagnosis
-
-    def copy(self) -> UpstreamError:
-        """A fresh exception with the same message and diagnosis (one instance per task that raises it)."""
-        return UpstreamError(self.message, self.diagnosis)
 
 
 class LogoutFailed(ServeError):

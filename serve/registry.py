@@ -371,10 +371,7 @@ class DeviceFlowRegistry:
             attempt = self._begin_start(provider_id, provider, client_id)
         await attempt.done.wait()
         if attempt.error is not None:
-            # A fresh exception per waiter: one instance raised in many tasks would share a traceback.
-            if isinstance(attempt.error, UpstreamError):
-                raise attempt.error.copy()
-            raise type(attempt.error)(attempt.error.message)
+            raise attempt.error.copy()  # a fresh one per waiter
         assert attempt.flow is not None
         if attached:
             self._audit_take_over(attempt.flow, client_id)
