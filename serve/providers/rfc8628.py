@@ -426,9 +426,7 @@ class Rfc8628Provider:
                 ):
                     if key not in merged and key in old:
                         merged[key] = old[key]
-                alias = fresh.account_alias or (
-                    old.get("account_alias") if isinstance(old.get("account_alias"), str) else None
-                )
+                alias = merged.get("account_alias")  # the reply's, else the one kept from the old file
                 return RefreshSucceeded(
                     Credentials(
                         fresh.file_name, Secret(merged), fresh.expires_at_ms, alias if isinstance(alias, str) else None
