@@ -304,7 +304,7 @@ async def test_login_timeout_cancels_the_flow_and_exits_7(
     start_daemon: StartDaemon, cli_env: dict[str, str], token: str
 ) -> None:
     idp = qwen_idp(token_replies=pending_replies())
-    script_devices(idp, interval=0.05)
+    script_devices(idp, interval=5)  # no poll tick in flight at the timeout's DELETE (see the Ctrl-C test)
     async with qwen_daemon(start_daemon, idp) as (_, daemon), api(daemon, token) as http:
         done = await run_cli(login_args(daemon, "--json", "--timeout", "0.5"), with_token(cli_env, token))
         assert done.code == 7, done
@@ -319,7 +319,9 @@ async def test_ctrl_c_cancels_the_flow_on_the_daemon_and_exits_130(
     start_daemon: StartDaemon, cli_env: dict[str, str], token: str
 ) -> None:
     idp = qwen_idp(token_replies=pending_replies())
-    script_devices(idp, interval=0.05)
+    # No poll before the Ctrl-C: a DELETE during a poll tick leaves the flow `pending` until the tick ends
+    # (an approval in that reply would win), and the CLI would then report `pending`, rightly.
+    script_devices(idp, interval=5)
     async with qwen_daemon(start_daemon, idp) as (_, daemon), api(daemon, token) as http:
         async with cli_process(login_args(daemon, "--json"), with_token(cli_env, token)) as process:
             out, err = Lines(process.stdout), Lines(process.stderr)
